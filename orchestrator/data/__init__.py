@@ -1,0 +1,111 @@
+"""Prompt sets: the seed prompts shipped with the package, the held-out eval prompts, and a loader.
+
+``seed_prompts.jsonl`` (240 prompts) feeds the rounds; ``eval_prompts.jsonl`` (120 prompts) is
+held out to measure whether rounds improved the policy and is never used for training. Both have
+one ``{"id", "prompt", "category"}`` object per line, six categories (writing, advice, coding,
+maths, facts, reasoning) interleaved so that any prefix is balanced.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+from pathlib import Path
+
+from orchestrator.errors import ConfigError
+from orchestrator.types import Prompt
+
+SEED_FILE = "seed_prompts.jsonl"
+EVAL_FILE = "eval_prompts.jsonl"
+
+
+def _package_file(name: str) -> Path:
+    try:
+        res = importlib.resources.files(__name__) / name
+        path = Path(str(res))
+        if path.exists():
+            return path
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover - odd loaders (zip imports)
+        pass
+    return Path(__file__).resolve().parent / name
+
+
+def seed_prompts_path() -> Path:
+    """The seed prompt set shipped in the package."""
+    return _package_file(SEED_FILE)
+
+
+def eval_prompts_path() -> Path:
+    """The held-out evaluation prompt set shipped in the package (never train on it)."""
+    return _package_file(EVAL_FILE)
+
+
+def load_prompts(path: str | Path | None, *, what: str = "data.prompts", source: str | None = None) -> list[Prompt]:
+    """Read prompts from a JSONL file (None: the shipped seed set).
+
+    Each non-blank line is a JSON object with a non-empty ``"prompt"`` (or ``"text"``) string and
+    optionally ``"id"`` and ``"category"``; other keys are ignored. Missing ids become
+    ``<file stem>-<line no>``. ``source`` defaults to "seed" for the shipped seed set and "file"
+    otherwise. Any problem raises :class:`ConfigError` with one line naming ``what``, the path and
+    the problem.
+    """
+    if path is None:
+        file = seed_prompts_path()
+        src = source or "seed"
+    else:
+        file = Path(path).expanduser()
+        src = source or ("seed" if _same_file(file, seed_prompts_path()) else "file")
+
+    where = f"{what}={file}"
+    if not file.exists():
+        raise ConfigError(f"{where}: file not found")
+    if not file.is_file():
+        raise ConfigError(f"{where}: not a file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read ({exc.strerror or exc})") from None
+
+    prompts: list[Prompt] = []
+    first_line: dict[str, int] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: line {lineno} is not valid JSON ({exc.msg}, column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise ConfigError(f"{where}: line {lineno} is not a JSON object (got {type(obj).__name__})")
+        body = obj.get("prompt", obj.get("text"))
+        if not isinstance(body, str) or not body.strip():
+            raise ConfigError(f"{where}: line {lineno} has no non-empty \"prompt\" (or \"text\") string")
+        pid = obj.get("id")
+        if pid is None:
+            pid = f"{file.stem}-{lineno}"
+        elif isinstance(pid, bool) or not isinstance(pid, (str, int)) or not str(pid).strip():
+            raise ConfigError(f"{where}: line {lineno} has an invalid \"id\" {pid!r} (want a non-empty string)")
+        pid = str(pid)
+        if pid in first_line:
+            raise ConfigError(f"{where}: duplicate id {pid!r} on lines {first_line[pid]} and {lineno}")
+        first_line[pid] = lineno
+        category = obj.get("category")
+        if category is not None and not isinstance(category, str):
+            raise ConfigError(f"{where}: line {lineno} has a non-string \"category\" {category!r}")
+        prompts.append(Prompt(id=pid, text=body.strip(), source=src, category=category or None))
+
+    if not prompts:
+        raise ConfigError(f"{where}: no prompts (the file is empty)")
+    return prompts
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
+__all__ = ["eval_prompts_path", "load_prompts", "seed_prompts_path"]

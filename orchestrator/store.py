@@ -1,0 +1,160 @@
+"""The run directory: round folders, stage outputs written atomically, and the manifest.
+
+Layout::
+
+    RUN_DIR/
+      manifest.json            run-level state: config, MLflow run ids, per-round status
+      config.yaml              the resolved config of the first start
+      rounds/round_001/
+        prompts.jsonl          one file per stage, written to a temp name then renamed, so a file
+        generations.jsonl      that exists is complete; resume restarts at the first missing one
+        judgments.jsonl
+        pairs.jsonl
+        <stage>.metrics.json   the stage's metrics (what MLflow gets)
+        checkpoint/            the round's policy (safetensors + tokenizer), renamed into place
+      mlflow.db                default tracking store
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+from orchestrator.types import Record
+
+R = TypeVar("R", bound=Record)
+
+MANIFEST = "manifest.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_jsonl(path: Path, records: Iterable[Record | dict[str, Any]]) -> None:
+    lines = []
+    for rec in records:
+        data = rec.to_dict() if isinstance(rec, Record) else rec
+        lines.append(json.dumps(data, ensure_ascii=False))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def read_jsonl(path: Path, cls: type[R] | None = None) -> list[Any]:
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            out.append(cls.from_dict(data) if cls is not None else data)
+    return out
+
+
+def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a fully written directory into place; a leftover ``final_dir`` from a crash is replaced."""
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(tmp_dir, final_dir)
+
+
+class RoundDir:
+    """One round's folder. A stage is done when its output file exists."""
+
+    def __init__(self, root: Path, index: int):
+        self.index = index
+        self.path = root / "rounds" / f"round_{index:03d}"
+
+    def file(self, stage: str) -> Path:
+        return self.path / f"{stage}.jsonl"
+
+    def metrics_file(self, stage: str) -> Path:
+        return self.path / f"{stage}.metrics.json"
+
+    def has(self, stage: str) -> bool:
+        return self.file(stage).exists()
+
+    def write(self, stage: str, records: Iterable[Record | dict[str, Any]], metrics: dict[str, float]) -> None:
+        # Metrics first: a stage counts as done only once its data file exists, and then its
+        # metrics are guaranteed to be there too.
+        write_json(self.metrics_file(stage), metrics)
+        write_jsonl(self.file(stage), records)
+
+    def read(self, stage: str, cls: type[R]) -> list[R]:
+        return read_jsonl(self.file(stage), cls)
+
+    def metrics(self, stage: str) -> dict[str, float]:
+        path = self.metrics_file(stage)
+        return read_json(path) if path.exists() else {}
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint"
+
+    @property
+    def checkpoint_tmp(self) -> Path:
+        return self.path / "checkpoint.tmp"
+
+    def has_checkpoint(self) -> bool:
+        return (self.checkpoint / "config.json").exists()
+
+
+class RunStore:
+    """Owns RUN_DIR and its manifest. The manifest is rewritten atomically on every change."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.manifest_path = self.root / MANIFEST
+        self.manifest: dict[str, Any] = {}
+
+    def exists(self) -> bool:
+        return self.manifest_path.exists()
+
+    def create(self, config: dict[str, Any], config_yaml: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.root / "config.yaml", config_yaml)
+        self.manifest = {"config": config, "rounds": {}, "mlflow": {}, "status": "running"}
+        self.save()
+
+    def load(self) -> None:
+        self.manifest = read_json(self.manifest_path)
+
+    def save(self) -> None:
+        write_json(self.manifest_path, self.manifest)
+
+    def round(self, index: int) -> RoundDir:
+        return RoundDir(self.root, index)
+
+    def round_state(self, index: int) -> dict[str, Any]:
+        return self.manifest.setdefault("rounds", {}).setdefault(str(index), {})
+
+    def update_round(self, index: int, **fields: Any) -> None:
+        self.round_state(index).update(fields)
+        self.save()
+
+    def completed_rounds(self) -> list[int]:
+        return sorted(int(k) for k, v in self.manifest.get("rounds", {}).items() if v.get("status") == "done")

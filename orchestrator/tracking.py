@@ -1,0 +1,116 @@
+"""MLflow tracking: one parent run per experiment run, one nested child run per round.
+
+Run ids live in the run manifest, so a resumed run keeps logging into the same MLflow runs.
+Every round metric goes to the round's child run and to the parent with ``step=round``, so one
+parent chart shows a metric across rounds. Uses ``MlflowClient`` directly: no global active run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from orchestrator.store import RunStore
+
+log = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"
+_MAX_PARAM_LEN = 6000
+
+
+def default_uri(store: RunStore) -> str:
+    return f"sqlite:///{store.root / 'mlflow.db'}"
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"a.b.c": "value"} for MLflow params."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    else:
+        out[prefix[:-1]] = str(data)[:_MAX_PARAM_LEN]
+    return out
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str, store: RunStore):
+        self.uri = uri
+        self.store = store
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.parent_id: str | None = None
+
+    @property
+    def _ids(self) -> dict[str, Any]:
+        return self.store.manifest.setdefault("mlflow", {})
+
+    def start(self, config: dict[str, Any], config_file: Path, run_name: str) -> str:
+        """Create the parent run, or reopen the one recorded in the manifest."""
+        parent = self._ids.get("parent_run_id")
+        if parent:
+            self.client.update_run(parent, status="RUNNING")
+            self.parent_id = parent
+            log.info("MLflow: resuming parent run %s", parent)
+            return parent
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={"orchestrator.run_dir": str(self.store.root)})
+        self.parent_id = run.info.run_id
+        self._ids.update(parent_run_id=self.parent_id, tracking_uri=self.uri, experiment_id=self.experiment_id)
+        self.store.save()
+        self._log_params(self.parent_id, config)
+        self.client.log_artifact(self.parent_id, str(config_file))
+        return self.parent_id
+
+    def _log_params(self, run_id: str, config: dict[str, Any]) -> None:
+        params = [Param(k, v) for k, v in sorted(flatten(config).items())]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(run_id, params=params[i : i + 100])
+
+    def round_run(self, index: int) -> str:
+        """The child run of round ``index``, created on first use."""
+        state = self.store.round_state(index)
+        run_id = state.get("mlflow_run_id")
+        if run_id:
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"round_{index:03d}",
+            tags={PARENT_TAG: self.parent_id, "orchestrator.round": str(index)},
+        )
+        self.store.update_round(index, mlflow_run_id=run.info.run_id)
+        return run.info.run_id
+
+    def log_round_metrics(self, index: int, metrics: dict[str, float]) -> None:
+        finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
+        if not finite:
+            return
+        now = int(time.time() * 1000)
+        child = [Metric(k, v, now, index) for k, v in finite.items()]
+        self.client.log_batch(self.round_run(index), metrics=child)
+        self.client.log_batch(self.parent_id, metrics=child)
+
+    def log_round_params(self, index: int, params: dict[str, Any]) -> None:
+        self.client.log_batch(self.round_run(index), params=[Param(k, str(v)) for k, v in params.items()])
+
+    def tag_round(self, index: int, **tags: str) -> None:
+        self.client.log_batch(self.round_run(index), tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_round_artifact(self, index: int, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.round_run(index), str(path), artifact_path)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.parent_id, str(path), artifact_path)
+
+    def end_round(self, index: int, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.round_run(index), status=status)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.parent_id:
+            self.client.set_terminated(self.parent_id, status=status)

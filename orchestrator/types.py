@@ -1,0 +1,124 @@
+"""Typed records that flow between the stages of a round.
+
+Every stage reads and writes lists of these records as JSONL in the round's directory, so each
+record converts to and from a plain dict (``to_dict`` / ``from_dict``). Fields that later stages
+may fill (a pair's ``weight`` from a filter, a generation's ``source`` checkpoint when several
+checkpoints generate at once) exist from the start so that recipes and filters extend the spine
+without changing the file formats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Record:
+    """Mixin: dict round-trip for the dataclasses below (unknown keys are rejected loudly)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass
+class Prompt(Record):
+    id: str
+    text: str
+    # "seed", "self_instruct", "file", or anything a recipe introduces (e.g. "refine").
+    source: str = "seed"
+    category: str | None = None
+
+
+@dataclass
+class GenerationRequest(Record):
+    """One sampling job for a generation worker: ``n`` samples for each prompt."""
+
+    prompts: list[str]
+    n: int = 1
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_tokens: int = 256
+    # Chat prompts are wrapped in the tokenizer's chat template; raw prompts are sent as they are.
+    chat: bool = True
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Completion(Record):
+    """The samples for one prompt of a ``GenerationRequest`` (``texts[i]`` has ``num_tokens[i]``)."""
+
+    texts: list[str]
+    num_tokens: list[int]
+    finish_reasons: list[str]
+
+
+@dataclass
+class Generation(Record):
+    prompt_id: str
+    prompt: str
+    index: int  # sample index within the prompt
+    text: str
+    num_tokens: int
+    finish_reason: str = "stop"
+    # Which checkpoint produced it: recipes that sample several checkpoints at once (ALMA) set this.
+    source: str = "policy"
+
+    @property
+    def key(self) -> str:
+        return f"{self.prompt_id}/{self.index}"
+
+
+@dataclass
+class Judgment(Record):
+    """The judge's verdict on one generation; ``score`` is None when no sample parsed."""
+
+    prompt_id: str
+    index: int
+    score: float | None
+    samples: list[float | None]  # one entry per judge sample (K of them in text mode)
+    raw: list[str] = field(default_factory=list)  # judge outputs (text mode) for auditing
+    mode: str = "text"  # "text" or "score_only"
+
+
+@dataclass
+class Pair(Record):
+    prompt_id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    chosen_score: float
+    rejected_score: float
+    chosen_index: int = -1
+    rejected_index: int = -1
+    # Per-pair training weight / label-smoothing epsilon: filters (UPO) set these, DPO reads them.
+    weight: float = 1.0
+    epsilon: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult(Record):
+    checkpoint: str
+    num_pairs: int
+    steps: int
+    wall_s: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def group_by_prompt(items: list[Any]) -> dict[str, list[Any]]:
+    """Group generations or judgments by ``prompt_id``, keeping first-seen order."""
+    out: dict[str, list[Any]] = {}
+    for item in items:
+        out.setdefault(item.prompt_id, []).append(item)
+    return out

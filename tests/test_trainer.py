@@ -1,0 +1,178 @@
+"""TrainerWorker: DPO on a tiny random Llama (full and LoRA), weighted DPO, and its errors."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("trl")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from tiny_model import make_tiny_checkpoint  # noqa: E402
+from workers import trainer as trainer_mod  # noqa: E402
+from workers.trainer import TrainerWorker  # noqa: E402
+
+METRIC_KEYS = [
+    "train/loss",
+    "train/rewards_chosen",
+    "train/rewards_rejected",
+    "train/rewards_margins",
+    "train/rewards_accuracies",
+    "train/logps_chosen",
+    "train/logps_rejected",
+    "train/pairs_per_s",
+]
+
+
+def make_pairs(n: int = 8, **extra) -> list[dict]:
+    return [
+        {
+            "prompt_id": f"p{i}",
+            "prompt": f"What is {i} plus {i}?",
+            "chosen": f"The answer is {2 * i}.",
+            "rejected": "I am sorry, but I cannot help with that request.",
+            "chosen_score": 5.0,
+            "rejected_score": 1.0,
+            **extra,
+        }
+        for i in range(n)
+    ]
+
+
+def make_cfg(**over) -> dict:
+    cfg = {
+        "loss": "dpo",
+        "beta": 0.1,
+        "learning_rate": 1e-3,
+        "min_lr_ratio": 0.1,
+        "lr_scheduler": "cosine_with_min_lr",
+        "batch_size": 4,
+        "micro_batch_size": 2,
+        "epochs": 1,
+        "dropout": 0.1,
+        "max_length": 256,
+        "method": "full",
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+        "save_dtype": "float32",
+        "bf16": False,
+        "threads": None,
+    }
+    cfg.update(over)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "base", seed=0)
+
+
+@pytest.fixture(scope="module")
+def worker() -> TrainerWorker:
+    return TrainerWorker(threads=2)
+
+
+def weights(path: str) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def check_checkpoint(out: str, base: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    names = set(os.listdir(out))
+    assert "model.safetensors" in names and "config.json" in names and "generation_config.json" in names
+    assert not any(n.startswith("adapter_") for n in names), names
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and tok.eos_token == "<|im_end|>" and tok.pad_token == "<pad>"
+    # The config round-trips unchanged (dropout, pad id and use_cache restored); only the weights moved.
+    base_cfg, out_cfg = AutoModelForCausalLM.from_pretrained(base).config, model.config
+    assert out_cfg.attention_dropout == base_cfg.attention_dropout == 0.0
+    assert out_cfg.use_cache == base_cfg.use_cache
+    assert max_abs_diff(weights(out), weights(base)) > 1e-4
+
+
+def check_result(result: dict, out: str, n_pairs: int, batch: int, epochs: int = 1) -> None:
+    assert result["checkpoint"] == out
+    assert result["num_pairs"] == n_pairs
+    assert result["steps"] == math.ceil(n_pairs / batch) * epochs
+    assert result["wall_s"] > 0
+    metrics = result["metrics"]
+    for key in METRIC_KEYS:
+        assert key in metrics, key
+        assert math.isfinite(metrics[key]), (key, metrics[key])
+    assert metrics["train/pairs_per_s"] > 0
+    assert metrics["train/dropout.attention_dropout"] == 0.1
+    assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_full_finetune(base, worker, tmp_path):
+    out = str(tmp_path / "out")
+    # 10 pairs, batch 4 (2 x 2 accumulation): a ragged last batch, 3 optimizer steps per epoch.
+    result = worker.train(make_pairs(10), base, out, make_cfg(), seed=1)
+    check_result(result, out, 10, 4)
+    check_checkpoint(out, base)
+    assert result["metrics"]["train/weighted"] == 0.0
+    assert result["metrics"]["train/lr_last"] < result["metrics"]["train/lr_first"]
+
+
+def test_lora_merged(base, worker, tmp_path):
+    out = str(tmp_path / "out")
+    result = worker.train(make_pairs(8), base, out, make_cfg(method="lora", batch_size=8, micro_batch_size=4), seed=1)
+    check_result(result, out, 8, 8)
+    check_checkpoint(out, base)
+    # Merged LoRA keeps the base's parameter names (no lora_A / base_layer keys).
+    assert weights(out).keys() == weights(base).keys()
+
+
+def test_weighted_matches_plain_at_defaults(base, worker, tmp_path, monkeypatch):
+    """The weighted loss with w=1, eps=0 is TRL's sigmoid loss: same metrics, same weights."""
+    cfg = make_cfg(dropout=0.0, batch_size=4, micro_batch_size=4)
+    plain = worker.train(make_pairs(4), base, str(tmp_path / "plain"), cfg, seed=3)
+    monkeypatch.setattr(trainer_mod, "_needs_weighted", lambda pairs: True)
+    weighted = worker.train(make_pairs(4), base, str(tmp_path / "weighted"), cfg, seed=3)
+    assert weighted["metrics"]["train/weighted"] == 1.0 and plain["metrics"]["train/weighted"] == 0.0
+    for key in METRIC_KEYS[:-1]:
+        assert weighted["metrics"][key] == pytest.approx(plain["metrics"][key], rel=1e-4, abs=1e-6), key
+    assert max_abs_diff(weights(str(tmp_path / "plain")), weights(str(tmp_path / "weighted"))) < 1e-6
+
+
+def test_weighted_zero_weight_and_half_epsilon_do_not_move(base, worker, tmp_path):
+    """w=0 zeroes the loss; eps=0.5 has zero gradient where policy == reference (the first step)."""
+    cfg = make_cfg(dropout=0.0, batch_size=8, micro_batch_size=4)
+    pairs = make_pairs(4, weight=0.0) + make_pairs(4, epsilon=0.5)
+    out = str(tmp_path / "out")
+    result = worker.train(pairs, base, out, cfg, seed=0)
+    assert result["steps"] == 1
+    metrics = result["metrics"]
+    assert metrics["train/weighted"] == 1.0
+    assert metrics["train/pair_weight_mean"] == 0.5 and metrics["train/pair_epsilon_mean"] == 0.25
+    # loss = mean over the batch of 0 (w=0) and log 2 (eps=0.5 at logits 0).
+    assert metrics["train/loss"] == pytest.approx(0.5 * math.log(2), rel=1e-4)
+    assert max_abs_diff(weights(out), weights(base)) < 1e-7
+
+
+def test_errors(base, worker, tmp_path):
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match="no pairs to train on"):
+        worker.train([], base, out, make_cfg())
+    with pytest.raises(ValueError, match="train.method"):
+        worker.train(make_pairs(2), base, out, make_cfg(method="qlora"))
+    with pytest.raises(ValueError, match="train.loss"):
+        worker.train(make_pairs(2), base, out, make_cfg(loss="ipo"))
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        worker.train(make_pairs(2), base, out, make_cfg(batch_size=6, micro_batch_size=4))
+    with pytest.raises(ValueError, match="epsilon"):
+        worker.train(make_pairs(2, epsilon=0.7), base, out, make_cfg())
+    with pytest.raises(ValueError, match="weight"):
+        worker.train(make_pairs(2, weight=-1.0), base, out, make_cfg())
+    assert not os.path.exists(out)

@@ -1,0 +1,463 @@
+"""DPO training as a Ray actor: one round's preference pairs -> a new full checkpoint.
+
+The class is plain Python; the controller wraps it with ``ray.remote`` (importing this module has no
+Ray side effects, and torch / transformers / TRL are imported lazily inside the methods).
+
+What ``TrainerWorker.train`` does (Self-Rewarding spec, algorithms.md 1.3/1.4):
+
+* policy and reference both start from ``base_checkpoint`` (M_t, the round's starting model). The
+  reference log-probabilities are precomputed once, before training, with the model in eval mode
+  (no dropout), so the reference is exactly M_t; with LoRA TRL computes them with the adapter
+  disabled, which is again exactly M_t. No second copy of the model is held during training.
+* TRL ``DPOTrainer`` with ``loss_type="sigmoid"`` on summed response log-probs (TRL sums over the
+  completion tokens; ``ld_alpha`` stays None), beta from the config, cosine decay from
+  ``learning_rate`` to ``learning_rate * min_lr_ratio``, ``batch_size`` pairs per optimizer step as
+  ``micro_batch_size`` x gradient accumulation, dropout set from ``cfg.dropout`` on the model config.
+* data in TRL's conversational format (user prompt, assistant replies), so the tokenizer's chat
+  template renders them exactly as the sampler saw them.
+* per-pair ``weight`` / ``epsilon`` (UPO filter): when any pair has weight != 1 or epsilon != 0 a
+  small ``DPOTrainer`` subclass computes ``w_j * [-(1-eps_j) log s(beta h_j) - eps_j log s(-beta h_j)]``
+  (cDPO label smoothing, then the weight), averaged over the batch. Otherwise the stock TRL trainer
+  runs untouched.
+* the result (LoRA merged with ``merge_and_unload``) is saved as a complete HF checkpoint in
+  ``output_dir``: safetensors in ``save_dtype``, config, generation_config and the tokenizer with its
+  chat template. Nothing else is written there; TRL's own scratch output goes to a temp dir.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+from orchestrator.types import Pair, TrainResult
+
+log = logging.getLogger(__name__)
+
+# Config attributes that hold dropout probabilities in common causal-LM architectures. Those present on
+# the loaded config (as numbers) are set to ``cfg.dropout``; Llama / Qwen2 / Mistral have only
+# ``attention_dropout``.
+DROPOUT_ATTRS = (
+    "attention_dropout",
+    "hidden_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "resid_dropout",
+    "embed_dropout",
+    "activation_dropout",
+    "ffn_dropout",
+    "dropout",
+)
+
+# TRL's logged names -> ours (averaged over logged steps; the final step's value as train/last_*).
+METRIC_NAMES = {
+    "loss": "train/loss",
+    "rewards/chosen": "train/rewards_chosen",
+    "rewards/rejected": "train/rewards_rejected",
+    "rewards/margins": "train/rewards_margins",
+    "rewards/accuracies": "train/rewards_accuracies",
+    "logps/chosen": "train/logps_chosen",
+    "logps/rejected": "train/logps_rejected",
+    "grad_norm": "train/grad_norm",
+}
+
+METHODS = ("full", "lora")
+LOSSES = {"dpo": "sigmoid"}
+SAVE_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+# Batch keys the weighted collator adds; never passed to the model.
+_WEIGHT_KEYS = ("pair_weight", "pair_epsilon")
+
+
+def _set_threads(threads: int | None) -> int:
+    # Ray pins OMP_NUM_THREADS=1 in actors; training wants the cores we were given.
+    n = int(threads or os.cpu_count() or 1)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
+    return n
+
+
+def _needs_weighted(pairs: list[dict[str, Any]]) -> bool:
+    """True when any pair carries a non-default weight or epsilon (the weighted DPO loss is needed)."""
+    return any(float(p.get("weight", 1.0)) != 1.0 or float(p.get("epsilon", 0.0)) != 0.0 for p in pairs)
+
+
+def _validate(pairs: list[dict[str, Any]], cfg: dict[str, Any]) -> None:
+    if not pairs:
+        raise ValueError("no pairs to train on")
+    method = cfg.get("method", "full")
+    if method not in METHODS:
+        raise ValueError(f"train.method: unknown method {method!r} (expected one of {list(METHODS)})")
+    loss = cfg.get("loss", "dpo")
+    if loss not in LOSSES:
+        raise ValueError(f"train.loss: unknown loss {loss!r} (only {sorted(LOSSES)} is supported)")
+    save_dtype = str(cfg.get("save_dtype", "float32"))
+    if save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"train.save_dtype: unknown dtype {save_dtype!r} (expected one of {list(SAVE_DTYPES)})")
+    batch, micro = int(cfg.get("batch_size", 16)), int(cfg.get("micro_batch_size") or cfg.get("batch_size", 16))
+    if batch < 1 or micro < 1 or batch % micro:
+        raise ValueError(
+            f"train.batch_size ({batch}) must be a positive multiple of train.micro_batch_size ({micro})"
+        )
+    for i, p in enumerate(pairs):
+        Pair.from_dict(p)  # rejects unknown / missing fields loudly
+        w, eps = float(p.get("weight", 1.0)), float(p.get("epsilon", 0.0))
+        if not (math.isfinite(w) and w >= 0.0):
+            raise ValueError(f"pair {i} ({p.get('prompt_id')}): weight must be finite and >= 0, got {w}")
+        if not (0.0 <= eps <= 0.5):
+            raise ValueError(f"pair {i} ({p.get('prompt_id')}): epsilon must lie in [0, 0.5], got {eps}")
+
+
+def _set_dropout(config: Any, p: float) -> dict[str, float]:
+    """Set every known dropout attribute present on ``config`` to ``p``; return the original values."""
+    original = {}
+    for name in DROPOUT_ATTRS:
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            original[name] = float(value)
+            setattr(config, name, float(p))
+    return original
+
+
+def _make_trainer_classes():
+    """The trainer classes (built lazily: TRL imports are heavy).
+
+    Returns ``(DPOTrainer subclass, weighted DPOTrainer subclass, weighted collator)``.
+    """
+    from dataclasses import dataclass
+
+    import torch
+    import torch.nn.functional as F
+    from trl import DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    class RefEvalDPOTrainer(DPOTrainer):
+        """TRL's DPOTrainer, with the precomputed reference log-probs taken in eval mode.
+
+        TRL runs the reference pass in whatever mode the model happens to be in (a fresh PEFT wrapper
+        reports train mode), so dropout could perturb the reference. Here the reference is exactly M_t.
+        """
+
+        def compute_ref_log_probs(self, model, inputs):
+            was_training = model.training
+            model.eval()
+            try:
+                return super().compute_ref_log_probs(model, inputs)
+            finally:
+                model.train(was_training)
+
+    @dataclass
+    class WeightedPreferenceCollator(DataCollatorForPreference):
+        def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+            out = super().torch_call(examples)
+            out["pair_weight"] = torch.tensor([float(e["weight"]) for e in examples], dtype=torch.float32)
+            out["pair_epsilon"] = torch.tensor([float(e["epsilon"]) for e in examples], dtype=torch.float32)
+            return out
+
+    class WeightedDPOTrainer(RefEvalDPOTrainer):
+        """Sigmoid DPO with per-pair label smoothing ``epsilon`` (cDPO) and a per-pair loss ``weight``.
+
+        ``loss = mean_j w_j * ( -(1 - eps_j) * logsigmoid(beta * h_j) - eps_j * logsigmoid(-beta * h_j) )``
+        with ``h_j`` the chosen-minus-rejected difference of policy/reference log-ratios (summed log-probs).
+        With all ``w_j = 1`` and ``eps_j = 0`` this is exactly TRL's ``sigmoid`` loss. Needs precomputed
+        reference log-probs (the worker always precomputes them) and the plain sigmoid setup.
+        """
+
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            if not self.precompute_ref_logps:
+                raise ValueError("WeightedDPOTrainer needs precompute_ref_log_probs=True")
+            if (
+                self.loss_types != ["sigmoid"]
+                or self.f_divergence_type != "reverse_kl"
+                or self.ld_alpha is not None
+                or self.use_weighting
+                or self.aux_loss_enabled
+            ):
+                raise ValueError("WeightedDPOTrainer supports only the plain sigmoid DPO loss")
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            for name in ("weight", "epsilon"):
+                if name not in self._signature_columns:
+                    self._signature_columns.append(name)
+
+        def compute_ref_log_probs(self, model, inputs):
+            inputs = {k: v for k, v in inputs.items() if k not in _WEIGHT_KEYS}
+            return super().compute_ref_log_probs(model, inputs)
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            mode = "train" if self.model.training else "eval"
+            weight = inputs["pair_weight"].float()
+            epsilon = inputs["pair_epsilon"].float()
+            completion_mask = inputs["completion_mask"]
+            skip = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *_WEIGHT_KEYS}
+            model_kwargs = {k: v for k, v in inputs.items() if k not in skip}
+            model_kwargs["use_cache"] = False
+            labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+            # TRL's fused LM head: per-token log-probs of the labels, zero where the label is -100.
+            outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+            seq_len = completion_mask.size(1) - 1
+            logps = outputs.log_probs[:, -seq_len:].sum(dim=1)
+            chosen_logps, rejected_logps = logps.chunk(2, dim=0)  # batch is [chosen..., rejected...]
+            chosen_logratios = chosen_logps - inputs["ref_chosen_logps"]
+            rejected_logratios = rejected_logps - inputs["ref_rejected_logps"]
+            logits = self.beta * (chosen_logratios - rejected_logratios)
+            per_pair = -(1.0 - epsilon) * F.logsigmoid(logits) - epsilon * F.logsigmoid(-logits)
+            loss = (weight * per_pair).mean()
+
+            # Same metric names as TRL's own loss, so the worker reads both paths alike.
+            gather = self.accelerator.gather
+            chosen_rewards = self.beta * chosen_logratios.detach()
+            rejected_rewards = self.beta * rejected_logratios.detach()
+            metrics = self._metrics[mode]
+            metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+            metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+            metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+            metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+            metrics["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
+            metrics["logps/rejected"].append(gather(rejected_logps.detach()).mean().item())
+            metrics["pair_weight"].append(gather(weight).mean().item())
+            metrics["pair_epsilon"].append(gather(epsilon).mean().item())
+            return (loss, outputs) if return_outputs else loss
+
+    return RefEvalDPOTrainer, WeightedDPOTrainer, WeightedPreferenceCollator
+
+
+# Tokenizer files copied verbatim from the base checkpoint, so every round's tokenizer is byte-identical.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
+
+
+def _save_tokenizer(base_checkpoint: str, output_dir: str) -> None:
+    """Copy the base's tokenizer files (with its chat template); re-save with transformers if there are none."""
+    import shutil
+
+    found = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(base_checkpoint, n))]
+    if "tokenizer_config.json" in found and ("tokenizer.json" in found or len(found) > 1):
+        for name in found:
+            shutil.copyfile(os.path.join(base_checkpoint, name), os.path.join(output_dir, name))
+        return
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(base_checkpoint).save_pretrained(output_dir)
+
+
+def _summarize(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """Average TRL's per-step logs (the entries with a ``loss``) under our names, plus the last values."""
+    steps = [e for e in log_history if "loss" in e and "train_loss" not in e]
+    out: dict[str, float] = {}
+    for src, dst in METRIC_NAMES.items():
+        values = [float(e[src]) for e in steps if e.get(src) is not None]
+        if values:
+            out[dst] = sum(values) / len(values)
+            out[dst.replace("train/", "train/last_", 1)] = values[-1]
+    lrs = [float(e["learning_rate"]) for e in steps if "learning_rate" in e]
+    if lrs:
+        out["train/lr_first"], out["train/lr_last"] = lrs[0], lrs[-1]
+    return out
+
+
+class TrainerWorker:
+    def __init__(self, threads: int | None = None):
+        self.threads = _set_threads(threads)
+
+    def train(
+        self,
+        pairs: list[dict[str, Any]],
+        base_checkpoint: str,
+        output_dir: str,
+        cfg: dict[str, Any],
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        """DPO on ``pairs`` from ``base_checkpoint`` (also the reference); save to ``output_dir``.
+
+        Returns ``TrainResult(...).to_dict()``.
+        """
+        t_start = time.perf_counter()
+        cfg = dict(cfg or {})
+        _validate(pairs, cfg)
+        if cfg.get("threads"):
+            self.threads = _set_threads(cfg["threads"])
+
+        import torch
+        import transformers
+        from datasets import Dataset
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from trl import DPOConfig
+
+        method = cfg.get("method", "full")
+        batch_size = int(cfg.get("batch_size", 16))
+        micro = int(cfg.get("micro_batch_size") or batch_size)
+        epochs = int(cfg.get("epochs", 1))
+        dropout = float(cfg.get("dropout", 0.0) or 0.0)
+        weighted = _needs_weighted(pairs)
+
+        transformers.set_seed(seed)
+        tokenizer = AutoTokenizer.from_pretrained(base_checkpoint)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"tokenizer at {base_checkpoint} has no chat template; DPO trains on chat-formatted pairs"
+            )
+        config = AutoConfig.from_pretrained(base_checkpoint)
+        original_pad_id = getattr(config, "pad_token_id", None)
+        original_use_cache = getattr(config, "use_cache", None)
+        original_dropout = _set_dropout(config, dropout)
+        model = AutoModelForCausalLM.from_pretrained(base_checkpoint, config=config, dtype=torch.float32)
+        model.eval()  # the reference log-probs are precomputed before training: no dropout there
+
+        peft_config = None
+        if method == "lora":
+            from peft import LoraConfig
+
+            lora = dict(cfg.get("lora") or {})
+            peft_config = LoraConfig(
+                r=int(lora.get("r", 16)),
+                lora_alpha=int(lora.get("alpha", 32)),
+                lora_dropout=float(lora.get("dropout", 0.05)),
+                target_modules=lora.get("target_modules", "all-linear"),
+                task_type="CAUSAL_LM",
+            )
+
+        rows = []
+        for p in pairs:
+            row = {
+                "prompt": [{"role": "user", "content": p["prompt"]}],
+                "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                "rejected": [{"role": "assistant", "content": p["rejected"]}],
+            }
+            if weighted:
+                row["weight"] = float(p.get("weight", 1.0))
+                row["epsilon"] = float(p.get("epsilon", 0.0))
+            rows.append(row)
+        dataset = Dataset.from_list(rows)
+
+        scheduler = cfg.get("lr_scheduler", "cosine_with_min_lr")
+        scheduler_kwargs = {}
+        if scheduler == "cosine_with_min_lr":
+            scheduler_kwargs["min_lr_rate"] = float(cfg.get("min_lr_ratio", 0.1))
+        use_cuda = torch.cuda.is_available()
+
+        with tempfile.TemporaryDirectory(prefix="dpo-scratch-") as scratch:
+            args = DPOConfig(
+                output_dir=scratch,
+                loss_type=[LOSSES[cfg.get("loss", "dpo")]],
+                beta=float(cfg.get("beta", 0.1)),
+                learning_rate=float(cfg.get("learning_rate", 1e-6)),
+                lr_scheduler_type=scheduler,
+                lr_scheduler_kwargs=scheduler_kwargs,
+                warmup_steps=0,
+                weight_decay=0.0,
+                per_device_train_batch_size=micro,
+                gradient_accumulation_steps=batch_size // micro,
+                num_train_epochs=epochs,
+                max_length=int(cfg["max_length"]) if cfg.get("max_length") else None,
+                precompute_ref_log_probs=True,
+                precompute_ref_batch_size=micro,
+                disable_dropout=dropout == 0.0,
+                bf16=bool(cfg.get("bf16", False)),
+                gradient_checkpointing=bool(cfg.get("gradient_checkpointing", False)),
+                seed=seed,
+                data_seed=seed,
+                logging_strategy="steps",
+                logging_steps=1,
+                save_strategy="no",
+                eval_strategy="no",
+                report_to="none",
+                dataloader_pin_memory=use_cuda,
+                use_cpu=not use_cuda,
+            )
+            plain_cls, weighted_cls, collator_cls = _make_trainer_classes()
+            trainer_cls, collator = plain_cls, None
+            if weighted:
+                trainer_cls = weighted_cls
+                pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                collator = collator_cls(pad_token_id=pad_id, max_length=args.max_length)
+            t_train = time.perf_counter()
+            trainer = trainer_cls(
+                model=model,
+                args=args,
+                data_collator=collator,
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                peft_config=peft_config,
+            )
+            trainer.train()
+            train_s = time.perf_counter() - t_train
+            steps = int(trainer.state.global_step)
+            trained_pairs = len(trainer.train_dataset)
+            metrics = _summarize(trainer.state.log_history)
+
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            if method == "lora":
+                model = model.merge_and_unload()
+            del trainer
+            gc.collect()
+
+        # Save: the base config as it was (dropout / pad id restored), weights in save_dtype.
+        t_save = time.perf_counter()
+        for name, value in original_dropout.items():
+            setattr(model.config, name, value)
+        model.config.pad_token_id = original_pad_id
+        if original_use_cache is not None:
+            model.config.use_cache = original_use_cache
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(base_checkpoint)
+        except OSError:
+            pass  # the base had none; keep the one the model was built with
+        save_dtype = str(cfg.get("save_dtype", "float32"))
+        if save_dtype == "auto":
+            save_dtype = str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
+        model = model.to(getattr(torch, save_dtype))
+        os.makedirs(output_dir, exist_ok=True)
+        model.save_pretrained(output_dir)
+        _save_tokenizer(base_checkpoint, output_dir)
+        save_s = time.perf_counter() - t_save
+        del model
+        gc.collect()
+
+        metrics.update(
+            {
+                "train/pairs_per_s": len(pairs) * epochs / train_s if train_s > 0 else 0.0,
+                "train/train_s": train_s,
+                "train/save_s": save_s,
+                "train/threads": float(self.threads),
+                "train/weighted": float(weighted),
+            }
+        )
+        if trained_pairs != len(pairs):
+            metrics["train/dropped_pairs"] = float(len(pairs) - trained_pairs)
+        for name in original_dropout:
+            metrics[f"train/dropout.{name}"] = dropout
+        if weighted:
+            metrics["train/pair_weight_mean"] = sum(float(p.get("weight", 1.0)) for p in pairs) / len(pairs)
+            metrics["train/pair_epsilon_mean"] = sum(float(p.get("epsilon", 0.0)) for p in pairs) / len(pairs)
+        wall_s = time.perf_counter() - t_start
+        log.info(
+            "DPO (%s) on %d pairs: %d steps in %.1fs (%.2f pairs/s), loss %.4f -> %s",
+            method, len(pairs), steps, train_s, metrics["train/pairs_per_s"], metrics.get("train/loss", float("nan")),
+            output_dir,
+        )
+        return TrainResult(
+            checkpoint=output_dir, num_pairs=len(pairs), steps=steps, wall_s=wall_s, metrics=metrics
+        ).to_dict()

