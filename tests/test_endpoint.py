@@ -1,0 +1,78 @@
+"""The OpenAI-compatible judge against a real ``vllm serve`` on 127.0.0.1 with the tiny model."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from orchestrator import judging
+from orchestrator.errors import OrchestratorError
+from orchestrator.types import Generation, GenerationRequest
+from workers.endpoint import EndpointWorker
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_checkpoint,
+         "--host", "127.0.0.1", "--port", str(port), "--gpu-memory-utilization", "0.05",
+         "--max-model-len", "512", "--seed", "0", "--enforce-eager", "--served-model-name", "tiny"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 420
+    while True:
+        try:
+            if requests.get(f"{base}/models", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        assert proc.poll() is None, "vllm serve exited"
+        assert time.time() < deadline, "vllm serve did not come up"
+        time.sleep(2)
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_endpoint_generate_choice_probs_and_score(server):
+    worker = EndpointWorker({"base_url": server})  # model name discovered from /models
+    assert worker.model == "tiny"
+    comps = worker.generate(GenerationRequest(prompts=["hello there", "what is 2+2"], n=2, max_tokens=8))
+    assert len(comps) == 2 and all(len(c.texts) == 2 for c in comps)
+
+    probs = worker.choice_probs(["rate this"], ["0", "1", "2", "3", "4", "5"], assistant_prefix="Score:")
+    assert len(probs) == 1
+    if probs[0] is not None:  # a random model may put no digit in its top 20
+        assert sum(probs[0].values()) == pytest.approx(1.0)
+
+    gens = [Generation(prompt_id="p", prompt="hello", index=i, text=f"answer {i}", num_tokens=2) for i in range(2)]
+    judgments = worker.score(gens, {"mode": "text", "samples": 2, "max_tokens": 8})
+    assert [len(j.samples) for j in judgments] == [2, 2]
+    assert all(len(j.raw) == 2 for j in judgments)
+    # the random model does not write "Score: N": failures stay None, never 0
+    assert all(j.score is None or 0 <= j.score <= 5 for j in judgments)
+    assert judging.judgment_metrics(judgments)["judge/responses"] == 2
+
+
+def test_unreachable_endpoint_is_one_clear_error():
+    port = free_port()
+    with pytest.raises(OrchestratorError, match="unreachable"):
+        EndpointWorker({"base_url": f"http://127.0.0.1:{port}/v1", "model": "x", "timeout_s": 2}).generate(
+            GenerationRequest(prompts=["hi"])
+        )
