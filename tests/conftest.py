@@ -31,6 +31,7 @@ def tiny_overrides(model_path: str, run_dir: Path, rounds: int = 2) -> list[str]
         "generation.max_tokens=24",
         "generation.engine.max_model_len=512",
         "generation.engine.gpu_memory_utilization=0.08",
+        "generation.start_timeout_s=600",
         "train.batch_size=2",
         "train.micro_batch_size=2",
         "train.learning_rate=1e-3",

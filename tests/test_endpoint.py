@@ -28,7 +28,7 @@ def server(tiny_checkpoint):
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_checkpoint,
          "--host", "127.0.0.1", "--port", str(port), "--gpu-memory-utilization", "0.05",
-         "--max-model-len", "512", "--seed", "0", "--enforce-eager", "--served-model-name", "tiny"],
+         "--max-model-len", "1024", "--seed", "0", "--enforce-eager", "--served-model-name", "tiny"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}/v1"

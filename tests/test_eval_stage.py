@@ -277,3 +277,16 @@ def test_controller_hook_evaluates_round_zero_then_the_new_checkpoint(setup):
     m2 = evaluate_round(ctl, Round(ctl, 2))  # the last round: the fixed judge is released after it
     assert ctl.served == [0, 1, 2] and m2["eval/prev_round"] == 1 and m2["eval/vs_prev/winrate"] == 50.0
     assert ctl.judge.shut and ctl._eval_judge is None
+
+
+def test_changed_prompt_text_is_regenerated_and_not_compared(setup, tmp_path):
+    store, cfg = setup
+    judge = FakeWorker(prefer=likes_better)
+    run_eval(round_index=0, policy=_policy("plain"), fixed_judge=judge, store=store, cfg=cfg)
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(json.dumps({"id": f"e{i}", "prompt": f"Question number {i}?" if i else "A new text"}) + "\n" for i in range(6)))
+    p1 = _policy("better")
+    m1 = run_eval(round_index=1, policy=p1, fixed_judge=judge, store=store, cfg={**cfg, "prompts": str(changed)}, judge_cfg={})
+    assert m1["eval/vs_start/pairs"] == 4  # e0's text differs from round 0's: left out
+    gens = {g["prompt_id"]: g for g in read_jsonl(store.round(1).path / GENERATIONS_FILE)}
+    assert gens["e0"]["prompt"] == "A new text"

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from orchestrator import placement
 from orchestrator.errors import ConfigError
-from orchestrator.placement import actor_options, make_placement_group, needs_gpu, plan_bundles, worker_resources
+from orchestrator.placement import actor_options, make_placement_group, needs_gpu, plan_bundles, release_mode, worker_resources
 from orchestrator.submit import compose_config
 
 
@@ -115,3 +115,24 @@ def test_make_placement_group_on_gpu(monkeypatch):
     with pytest.raises(ConfigError, match="cannot place the workers"):
         make_placement_group(cfg, timeout_s=0.1)
     assert removed and removed[-1] is made[-1]
+
+
+@pytest.mark.parametrize(
+    "setting, gen, train, have, expected",
+    [
+        ("auto", 0, 0, 0, "none"),  # CPU: nothing to free
+        ("auto", 1, 0, 1, "none"),  # the trainer runs on CPU
+        ("auto", 1, 1, 2, "none"),  # a GPU each
+        ("auto", 0.5, 0.5, 1, "sleep"),  # one GPU shared in turn, both actors placed
+        ("auto", 1, 1, 1, "shutdown"),  # the trainer cannot be placed beside the policy
+        ("sleep", 0, 0, 0, "sleep"),  # explicit settings are kept
+        ("NONE", 1, 1, 1, "none"),
+    ],
+)
+def test_release_mode(setting, gen, train, have, expected):
+    assert release_mode(setting, gen, train, have) == expected
+
+
+def test_release_mode_refuses_unknown():
+    with pytest.raises(ConfigError, match="generation.release_for_training"):
+        release_mode("hibernate", 1, 1, 1)

@@ -70,7 +70,7 @@ def build_tokenizer():
         additional_special_tokens=["<|im_start|>"],
     )
     fast.chat_template = CHAT_TEMPLATE
-    fast.model_max_length = 512
+    fast.model_max_length = 2048
     return fast
 
 
@@ -90,7 +90,7 @@ def make_tiny_checkpoint(path: str | os.PathLike, seed: int = 0) -> str:
         num_attention_heads=2,
         num_key_value_heads=2,
         head_dim=64,
-        max_position_embeddings=512,
+        max_position_embeddings=2048,  # room for the judge prompt (~870 tokens with this tokenizer)
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 from orchestrator.types import Pair, TrainResult
+from workers.cores import use_cores
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +75,6 @@ SAVE_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 # Batch keys the weighted collator adds; never passed to the model.
 _WEIGHT_KEYS = ("pair_weight", "pair_epsilon")
-
-
-def _set_threads(threads: int | None) -> int:
-    # Ray pins OMP_NUM_THREADS=1 in actors; training wants the cores we were given.
-    n = int(threads or os.cpu_count() or 1)
-    os.environ["OMP_NUM_THREADS"] = str(n)
-    import torch
-
-    torch.set_num_threads(n)
-    return n
 
 
 def _needs_weighted(pairs: list[dict[str, Any]]) -> bool:
@@ -280,7 +271,7 @@ def _summarize(log_history: list[dict[str, Any]]) -> dict[str, float]:
 
 class TrainerWorker:
     def __init__(self, threads: int | None = None):
-        self.threads = _set_threads(threads)
+        self.threads = use_cores(threads)
 
     def train(
         self,
@@ -298,7 +289,7 @@ class TrainerWorker:
         cfg = dict(cfg or {})
         _validate(pairs, cfg)
         if cfg.get("threads"):
-            self.threads = _set_threads(cfg["threads"])
+            self.threads = use_cores(cfg["threads"])
 
         import torch
         import transformers

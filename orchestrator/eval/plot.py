@@ -10,6 +10,24 @@ from orchestrator.store import read_json
 
 PNG_NAME = "eval_metrics.png"
 _ROUND_DIR = re.compile(r"^round_(\d+)$")
+# (title, y label, y limits, [(metric, label, style)]); a metric's "<metric>_se" gives error bars.
+PANELS = (
+    ("Pairwise win rate (fixed judge)", "%", (0, 100), (
+        ("eval/vs_start/winrate", "win rate vs start", "o-"),
+        ("eval/vs_start/lc_winrate", "LC win rate vs start", "s-"),
+        ("eval/vs_prev/winrate", "win rate vs previous", "^--"),
+    )),
+    ("Instruction following (IFEval-style)", "accuracy", (0, 1), (
+        ("eval/if/prompt_accuracy", "prompt-level (strict)", "o-"),
+        ("eval/if/check_accuracy", "check-level (strict)", "s-"),
+        ("eval/if_loose/prompt_accuracy", "prompt-level (loose)", "o--"),
+    )),
+    ("Judge reliability", "fraction", (0, 1.05), (
+        ("eval/judge_agreement", "policy judge agreement", "o-"),
+        ("eval/policy_judge_parse_rate", "policy judge parse rate (eval)", "s--"),
+        ("eval/judge_parse_rate", "judge parse rate (round)", "^:"),
+    )),
+)  # fmt: skip
 
 
 def round_dirs(run_dir: str | Path) -> dict[int, Path]:
@@ -52,44 +70,16 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
     out = Path(out) if out else Path(run_dir) / PNG_NAME
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
 
-    ax = axes[0]
-    for key, label, style in (
-        ("eval/vs_start/winrate", "win rate vs start", "o-"),
-        ("eval/vs_start/lc_winrate", "LC win rate vs start", "s-"),
-        ("eval/vs_prev/winrate", "win rate vs previous", "^--"),
-    ):
-        xs, ys = _series(metrics, key)
-        if xs:
+    for ax, (title, ylabel, ylim, lines) in zip(axes, PANELS):
+        for key, label, style in lines:
+            xs, ys = _series(metrics, key)
+            if not xs:
+                continue
             _, errs = _series({r: metrics[r] for r in xs}, key + "_se")
-            yerr = errs if len(errs) == len(xs) else None
-            ax.errorbar(xs, ys, yerr=yerr, fmt=style, capsize=3, label=label)
-    ax.axhline(50, color="grey", lw=0.8, ls=":")
-    ax.set(title="Pairwise win rate (fixed judge)", xlabel="round", ylabel="%", ylim=(0, 100))
-    ax.legend(fontsize=8)
-
-    ax = axes[1]
-    for key, label, style in (
-        ("eval/if/prompt_accuracy", "prompt-level (strict)", "o-"),
-        ("eval/if/check_accuracy", "check-level (strict)", "s-"),
-        ("eval/if_loose/prompt_accuracy", "prompt-level (loose)", "o--"),
-    ):
-        xs, ys = _series(metrics, key)
-        if xs:
-            ax.plot(xs, ys, style, label=label)
-    ax.set(title="Instruction following (IFEval-style)", xlabel="round", ylabel="accuracy", ylim=(0, 1))
-    ax.legend(fontsize=8)
-
-    ax = axes[2]
-    for key, label, style in (
-        ("eval/judge_agreement", "policy judge agreement", "o-"),
-        ("eval/policy_judge_parse_rate", "policy judge parse rate (eval)", "s--"),
-        ("eval/judge_parse_rate", "judge parse rate (round)", "^:"),
-    ):
-        xs, ys = _series(metrics, key)
-        if xs:
-            ax.plot(xs, ys, style, label=label)
-    ax.set(title="Judge reliability", xlabel="round", ylabel="fraction", ylim=(0, 1.05))
-    ax.legend(fontsize=8)
+            ax.errorbar(xs, ys, yerr=errs if len(errs) == len(xs) else None, fmt=style, capsize=3, label=label)
+        ax.set(title=title, xlabel="round", ylabel=ylabel, ylim=ylim)
+        ax.legend(fontsize=8)
+    axes[0].axhline(50, color="grey", lw=0.8, ls=":")
 
     rounds = sorted(metrics)
     for ax in axes:

@@ -206,7 +206,8 @@ def generate_cached(
     Returns (all cached responses by (set, prompt_id), how many were generated now).
     """
     cache = read_generations(rdir)
-    missing = [w for w in wanted if (w[0], w[1]) not in cache]
+    # A cached response counts only for the same prompt text (a changed prompt file is redone).
+    missing = [w for w in wanted if (w[0], w[1]) not in cache or cache[(w[0], w[1])]["prompt"] != w[2]]
     if missing:
         request = GenerationRequest(
             prompts=[text for _, _, text in missing],
@@ -257,7 +258,10 @@ def _compare(
     cfg: Mapping[str, Any],
     call: Callable[..., Any],
 ) -> tuple[list[str], list[pairwise.PairVerdict], list[str], list[str]]:
-    ids = [pid for pid in prompt_ids if ("eval", pid) in ours and ("eval", pid) in theirs]
+    ids = [
+        pid for pid in prompt_ids
+        if ("eval", pid) in ours and ("eval", pid) in theirs and ours[("eval", pid)]["prompt"] == theirs[("eval", pid)]["prompt"]
+    ]
     instr = [ours[("eval", pid)]["prompt"] for pid in ids]
     mine = [ours[("eval", pid)]["text"] for pid in ids]
     base = [theirs[("eval", pid)]["text"] for pid in ids]
@@ -527,7 +531,7 @@ def fixed_judge(ctl: Any, cfg: Any = None) -> Any:
         engine = {**plain(ctl.cfg.generation.engine), **(jc.get("engine") or {})}
         resources = OmegaConf.create({"num_cpus": 0, "num_gpus": 0, **(jc.get("resources") or {})})
         log.info("eval: starting the fixed judge on %s", path)
-        judge = ctl._actor(VLLMWorker, resources, path, engine, int(ctl.cfg.seed))
+        judge = ctl.started(ctl._actor(VLLMWorker, resources, path, engine, int(ctl.cfg.seed)), "the fixed eval judge's vLLM engine")
     ctl._eval_judge = judge
     return judge
 

