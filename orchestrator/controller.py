@@ -32,8 +32,19 @@ from orchestrator.types import Pair, Prompt, Record, TrainResult
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Record)
 
-# Keys that may change when a run is resumed; any other difference is refused.
-RESUMABLE_KEYS = ("rounds", "resume", "tracking.uri", "cluster", "run_dir", "storage")
+# Keys that may change when a run is resumed; any other difference is refused. Besides where the
+# run lives and how many rounds it has, these are how the work runs, not what it computes: memory
+# shares, resources, threads, placement, micro-batching (the effective batch stays), so a run
+# stopped by an out-of-memory kill can continue with smaller settings.
+RESUMABLE_KEYS = (
+    "rounds", "resume", "tracking.uri", "cluster", "run_dir", "storage",
+    "generation.engine.gpu_memory_utilization", "generation.engine.max_num_seqs", "generation.engine.threads",
+    "generation.engine.cpu_reserved_cores", "generation.engine.cpu_bind", "generation.engine.enable_sleep_mode",
+    "generation.engine.enforce_eager", "generation.resources", "generation.start_timeout_s",
+    "generation.release_for_training", "judge.resources", "judge.engine.gpu_memory_utilization",
+    "train.resources", "train.threads", "train.micro_batch_size",
+    "eval.judge.engine.gpu_memory_utilization", "eval.judge.resources",
+)  # fmt: skip
 
 
 def call(worker: Any, method: str, *args: Any, **kwargs: Any) -> Any:
