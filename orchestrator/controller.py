@@ -297,6 +297,13 @@ class Controller:
                 f"{what} did not start within {timeout:.0f}s (generation.start_timeout_s): the cluster may lack the "
                 f"resources it asks for, or the engine hung while starting; see the worker logs above"
             ) from None
+        except ray.exceptions.RayActorError as exc:
+            cause = str(exc).strip().splitlines()[-1][:300]
+            raise OrchestratorError(
+                f"{what} failed to start ({cause}); the engine's ERROR lines above give the reason. On CPU, "
+                f"'less than requested memory for kv' means its gpu_memory_utilization share is too small for the "
+                f"weights plus a KV cache, or other processes hold the memory"
+            ) from None
         return actor
 
     def checkpoint_sha256(self, index: int) -> str | None:

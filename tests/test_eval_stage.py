@@ -205,7 +205,7 @@ def test_config_defaults_due_and_errors():
 
     conf = OmegaConf.load(CONF_DIR / "eval" / "default.yaml")
     c = eval_config(conf)
-    assert c["every"] == 1 and c["max_prompts"] == 64 and c["judge"]["engine"]["gpu_memory_utilization"] == 0.06
+    assert c["every"] == 1 and c["max_prompts"] == 64 and c["judge"]["engine"]["gpu_memory_utilization"] == 0.1
     assert c["lc"]["penalty"] == "l2" and c["pairwise"]["choices"] == ["a", "b"]
     assert eval_config({"eval": {"every": 2}})["every"] == 2  # the whole config works too
     assert [eval_due(r, {"every": 2}, 5) for r in range(6)] == [True, False, True, False, True, True]

@@ -14,7 +14,7 @@ from workers.vllm_worker import VLLMWorker
 
 pytestmark = pytest.mark.slow
 
-ENGINE = {"gpu_memory_utilization": 0.05, "max_model_len": 512, "enforce_eager": True, "max_num_seqs": 8}
+ENGINE = {"gpu_memory_utilization": 0.08, "max_model_len": 512, "enforce_eager": True, "max_num_seqs": 8}
 PROMPTS = ["hello there", "what is two plus two", "write a poem"]
 
 
