@@ -26,7 +26,7 @@ from orchestrator.placement import (
     WorkerPlacement, actor_options, make_placement_group, needs_gpu, release_mode, worker_resources,
 )
 from orchestrator.store import RoundDir, RunStore, publish_dir, write_json, write_jsonl
-from orchestrator.tracking import Tracker, default_uri
+from orchestrator.tracking import Tracker, default_artifact_location, default_uri
 from orchestrator.types import Pair, Prompt, Record, TrainResult
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,8 @@ class Controller:
 
     def start_tracking(self) -> None:
         uri = self.cfg.tracking.uri or default_uri(self.store)
-        self.tracker = Tracker(uri, self.cfg.tracking.experiment, self.store)
+        artifacts = None if self.cfg.tracking.uri else default_artifact_location(self.store)
+        self.tracker = Tracker(uri, self.cfg.tracking.experiment, self.store, artifacts)
         self.tracker.start(plain(self.cfg), self.store.root / "config.yaml", run_name=self.store.root.name)
         log.info("MLflow: %s (experiment %s, parent run %s)", uri, self.cfg.tracking.experiment, self.tracker.parent_id)
 

@@ -27,6 +27,12 @@ def default_uri(store: RunStore) -> str:
     return f"sqlite:///{store.root / 'mlflow.db'}"
 
 
+def default_artifact_location(store: RunStore) -> str:
+    """Artifacts of the default store live beside it in the run dir (MLflow's default is ./mlruns
+    in whatever directory the command ran from)."""
+    return (store.root / "mlartifacts").resolve().as_uri()
+
+
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     """Nested config -> {"a.b.c": "value"} for MLflow params."""
     out: dict[str, str] = {}
@@ -39,12 +45,14 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
 
 
 class Tracker:
-    def __init__(self, uri: str, experiment: str, store: RunStore):
+    def __init__(self, uri: str, experiment: str, store: RunStore, artifact_location: str | None = None):
         self.uri = uri
         self.store = store
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = (
+            found.experiment_id if found else self.client.create_experiment(experiment, artifact_location=artifact_location)
+        )
         self.parent_id: str | None = None
 
     @property

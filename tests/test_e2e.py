@@ -79,6 +79,7 @@ def test_mlflow_parent_and_round_runs(finished_run):
     assert parent.data.params["generation.n"] == "3"
     assert parent.data.params["train.beta"] == "0.1"
     assert any(a.path == "config.yaml" for a in client.list_artifacts(parent_id))
+    assert (run_dir / "mlartifacts" / parent_id / "artifacts" / "config.yaml").exists()  # in the run dir, not ./mlruns
 
     exp = parent.info.experiment_id
     children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
