@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -11,6 +12,20 @@ from orchestrator.errors import ConfigError
 from orchestrator.judging import MODES
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def run_dir_path(run_dir: str, storage_path: str | None = None) -> str:
+    """The run dir as an absolute path: a relative one goes under ``storage.path`` (or the cwd)."""
+    path = Path(os.path.expanduser(str(run_dir)))
+    if not path.is_absolute():
+        base = Path(os.path.expanduser(str(storage_path))) if storage_path else Path.cwd()
+        path = base / path
+    return os.path.normpath(os.path.abspath(path))
+
+
+# Hydra writes its own logs (hydra.run.dir in conf/config.yaml) before any of our code runs; this
+# resolver puts them in the same place the run store uses, under storage.path when that is set.
+OmegaConf.register_new_resolver("run_dir_path", run_dir_path, replace=True)
 
 
 def _check(ok: bool, key: str, value: object, want: str) -> None:

@@ -111,15 +111,12 @@ def normalize_address(address: str | None) -> str:
 
 def resolve_run_dir(cfg: Any) -> str:
     """The run dir as an absolute path: relative ones go under ``storage.path`` (or the cwd)."""
+    from orchestrator.config import run_dir_path
+
     run_dir = _select(cfg, "run_dir")
     if not run_dir:
         raise ConfigError("run_dir is empty")
-    path = Path(os.path.expanduser(str(run_dir)))
-    if not path.is_absolute():
-        base = _select(cfg, "storage.path")
-        base_path = Path(os.path.expanduser(str(base))) if base else Path.cwd()
-        path = base_path / path
-    return os.path.normpath(os.path.abspath(path))
+    return run_dir_path(run_dir, _select(cfg, "storage.path"))
 
 
 def hydra_value(value: str) -> str:

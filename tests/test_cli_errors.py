@@ -65,3 +65,12 @@ def test_empty_and_malformed_prompt_files(tmp_path, tiny_checkpoint):
 def test_resume_without_a_run(tmp_path, tiny_checkpoint):
     line = error_line(run_cli("model=local", f"model.path={tiny_checkpoint}", "resume=true", f"run_dir={tmp_path / 'none'}"))
     assert "resume=true" in line and "no run" in line
+
+
+def test_hydra_logs_follow_storage_path(tmp_path, tiny_checkpoint):
+    """A relative run_dir lives under storage.path, Hydra's own log dir included (not under the cwd)."""
+    name = f"storage-test-{tmp_path.name}"
+    shared = tmp_path / "shared"
+    error_line(run_cli("model=local", f"model.path={tiny_checkpoint}", "rounds=0", f"storage.path={shared}", f"run_dir={name}/run"))
+    assert (shared / name / "run" / "hydra").is_dir()
+    assert not (ROOT / name).exists()
