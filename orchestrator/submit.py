@@ -44,10 +44,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from orchestrator.config import CONF_DIR, run_dir_path
 from orchestrator.errors import ConfigError, OrchestratorError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = PROJECT_ROOT / "conf"
 DEFAULT_COMMAND = "python -m orchestrator.cli"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Hydra command-line flags that take a value in the next argument.
@@ -111,8 +111,6 @@ def normalize_address(address: str | None) -> str:
 
 def resolve_run_dir(cfg: Any) -> str:
     """The run dir as an absolute path: relative ones go under ``storage.path`` (or the cwd)."""
-    from orchestrator.config import run_dir_path
-
     run_dir = _select(cfg, "run_dir")
     if not run_dir:
         raise ConfigError("run_dir is empty")

@@ -20,11 +20,11 @@ from typing import Any, Sequence
 import hydra
 from omegaconf import DictConfig, open_dict
 
+from orchestrator.config import CONF_DIR
 from orchestrator.errors import ConfigError, OrchestratorError
 
 log = logging.getLogger("orchestrator")
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Added to the command line unless the user sets them.
 DEFAULT_OVERRIDES = {"run_dir": "outputs/eval/${now:%Y-%m-%d_%H-%M-%S}", "rounds": "1"}
 
