@@ -23,6 +23,14 @@ def run_dir_path(run_dir: str, storage_path: str | None = None) -> str:
     return os.path.normpath(os.path.abspath(path))
 
 
+def resolve_run_dir(cfg: DictConfig) -> str:
+    """The composed config's ``run_dir`` as an absolute path (see ``run_dir_path``)."""
+    run_dir = OmegaConf.select(cfg, "run_dir", throw_on_missing=False)
+    if not run_dir:
+        raise ConfigError("run_dir is empty")
+    return run_dir_path(run_dir, OmegaConf.select(cfg, "storage.path", throw_on_missing=False))
+
+
 # Hydra writes its own logs (hydra.run.dir in conf/config.yaml) before any of our code runs; this
 # resolver puts them in the same place the run store uses, under storage.path when that is set.
 OmegaConf.register_new_resolver("run_dir_path", run_dir_path, replace=True)

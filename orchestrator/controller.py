@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import ray
 from omegaconf import DictConfig, OmegaConf
 
+from orchestrator.config import resolve_run_dir
 from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.data import load_prompts
 from orchestrator.models import check_checkpoint_dir, checkpoint_fingerprint, resolve_model_path
@@ -107,7 +108,7 @@ class Round:
 class Controller:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        self.store = RunStore(run_dir_path(cfg))
+        self.store = RunStore(resolve_run_dir(cfg))
         self.tracker: Tracker | None = None
         self._policy = None
         self._judge = None
@@ -268,20 +269,24 @@ class Controller:
 
     def policy(self, index: int) -> Any:
         """The generation worker, serving the policy that starts round ``index``."""
-        from workers.vllm_worker import VLLMWorker
+        return self.serve(self.model_path(index - 1), self.checkpoint_sha256(index - 1))
 
-        path = self.model_path(index - 1)
+    def serve(self, path: str, sha256: str | None = None, what: str = "the policy's vLLM engine") -> Any:
+        """The generation worker serving ``path``: started on first use, given new weights after."""
         if self._policy is None:
             engine = plain(self.cfg.generation.engine)
-            self._policy = self.started(
-                self._actor(VLLMWorker, self.cfg.generation.resources, path, engine, int(self.cfg.seed), kind="generation"),
-                "the policy's vLLM engine",
-            )
+            self._policy = self.start_engine(path, engine, self.cfg.generation.resources, what, kind="generation")
         else:
-            seconds = call(self._policy, "sync_weights", path, self.checkpoint_sha256(index - 1))
+            seconds = call(self._policy, "sync_weights", path, sha256)
             if seconds:  # in place, or waking from sleep / rebuilding after a release
                 log.info("policy engine now serves %s (%.2fs)", path, seconds)
         return self._policy
+
+    def start_engine(self, path: str, engine: dict, resources: Any, what: str, kind: str | None = None) -> Any:
+        """A vLLM worker actor on ``path``, returned once its engine is up (see ``started``)."""
+        from workers.vllm_worker import VLLMWorker
+
+        return self.started(self._actor(VLLMWorker, resources, path, engine, int(self.cfg.seed), kind=kind), what)
 
     def started(self, actor: Any, what: str) -> Any:
         """``actor`` once it is up; a clear error if it is not within ``generation.start_timeout_s``.
@@ -322,14 +327,9 @@ class Controller:
 
                 self._judge = EndpointWorker(plain(self.cfg.judge.endpoint))
             else:
-                from workers.vllm_worker import VLLMWorker
-
                 path = str(check_checkpoint_dir(spec, what="judge.model"))
                 engine = {**plain(self.cfg.generation.engine), **plain(self.cfg.judge.get("engine", {}) or {})}
-                self._judge = self.started(
-                    self._actor(VLLMWorker, self.cfg.judge.resources, path, engine, int(self.cfg.seed), kind="judge"),
-                    "the judge's vLLM engine",
-                )
+                self._judge = self.start_engine(path, engine, self.cfg.judge.resources, "the judge's vLLM engine", kind="judge")
         return self._judge
 
     def train(self, rnd: Round, pairs: list[Pair]) -> str:
@@ -408,13 +408,6 @@ class Controller:
         sample_file = rnd.dir.path / "generations_sample.jsonl"
         write_jsonl(sample_file, sample)
         self.tracker.log_round_artifact(rnd.index, sample_file, "data")
-
-
-def run_dir_path(cfg: Any) -> str:
-    """``run_dir``; a relative one lives under ``storage.path`` when that is set (shared storage)."""
-    from orchestrator.submit import resolve_run_dir
-
-    return resolve_run_dir(cfg)
 
 
 def resolved_config_path(store: RunStore) -> Path:

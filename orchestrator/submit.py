@@ -44,7 +44,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from orchestrator.config import CONF_DIR, run_dir_path
+from orchestrator.config import CONF_DIR, resolve_run_dir
 from orchestrator.errors import ConfigError, OrchestratorError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -107,14 +107,6 @@ def normalize_address(address: str | None) -> str:
     if "://" not in address:
         address = f"http://{address}"
     return address
-
-
-def resolve_run_dir(cfg: Any) -> str:
-    """The run dir as an absolute path: relative ones go under ``storage.path`` (or the cwd)."""
-    run_dir = _select(cfg, "run_dir")
-    if not run_dir:
-        raise ConfigError("run_dir is empty")
-    return run_dir_path(run_dir, _select(cfg, "storage.path"))
 
 
 def hydra_value(value: str) -> str:

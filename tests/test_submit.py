@@ -26,6 +26,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from orchestrator import submit
+from orchestrator.config import resolve_run_dir
 from orchestrator.errors import ConfigError
 from orchestrator.submit import (
     SubmitError,
@@ -33,7 +34,6 @@ from orchestrator.submit import (
     build_runtime_env,
     compose_config,
     job_overrides,
-    resolve_run_dir,
     submit_run,
 )
 

