@@ -9,30 +9,41 @@ import logging
 import os
 import sys
 
+from types import ModuleType
+
 import hydra
 from omegaconf import DictConfig
 
 from orchestrator.config import CONF_DIR, validate
 from orchestrator.errors import OrchestratorError
+from orchestrator.roles import Role
 
 log = logging.getLogger("orchestrator")
 
 
-def run(cfg: DictConfig) -> None:
-    from orchestrator.controller import Controller
+def checked(cfg: DictConfig) -> tuple[ModuleType, list[Role]]:
+    """Every check that needs no model and no Ray: config values, the recipe, its worker roles and
+    plug-ins. Runs before anything is written, so a typo costs seconds, not a round."""
     from orchestrator.recipes import get_recipe
 
     validate(cfg)
     recipe = get_recipe(cfg.recipe)
+    return recipe, recipe.roles(cfg)
+
+
+def run(cfg: DictConfig) -> None:
+    from orchestrator.controller import Controller
+
+    recipe, roles = checked(cfg)
     if cfg.cluster.name == "ray_job":
         from orchestrator.submit import submit_run
 
         submit_run(cfg, sys.argv[1:])
         return
-    ctl = Controller(cfg)
+    ctl = Controller(cfg, roles)
     with ctl.session():
         print(f"run dir: {ctl.store.root}  (continue a stopped run with: run_dir={ctl.store.root} resume=true)", flush=True)
-        recipe(ctl)
+        recipe.run(ctl)
     print(f"done: {int(cfg.rounds)} rounds in {ctl.store.root}; MLflow: {ctl.tracker.uri}", flush=True)
 
 

@@ -5,13 +5,24 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from orchestrator.errors import ConfigError
 from orchestrator.judging import MODES
+from orchestrator.placement import RELEASE_MODES
+from workers import trainer
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def to_plain(value: Any) -> Any:
+    """A config node as plain dicts and lists (resolved); anything else as it is."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
 
 
 def run_dir_path(run_dir: str, storage_path: str | None = None) -> str:
@@ -36,12 +47,12 @@ def resolve_run_dir(cfg: DictConfig) -> str:
 OmegaConf.register_new_resolver("run_dir_path", run_dir_path, replace=True)
 
 
-def _check(ok: bool, key: str, value: object, want: str) -> None:
+def check(ok: bool, key: str, value: object, want: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: {want}")
 
 
-def _num(cfg: DictConfig, key: str) -> float:
+def number(cfg: DictConfig, key: str) -> float:
     value = OmegaConf.select(cfg, key)
     try:
         return float(value)
@@ -56,31 +67,45 @@ def validate(cfg: DictConfig) -> None:
         key = getattr(exc, "full_key", None) or ""
         raise ConfigError(f"config key {key or '?'} has no value: {str(exc).splitlines()[0]}") from None
 
-    _check(_num(cfg, "rounds") >= 1 and float(cfg.rounds).is_integer(), "rounds", cfg.rounds, "a whole number >= 1")
-    _check(_num(cfg, "generation.n") >= 2, "generation.n", cfg.generation.n, "at least 2 responses per prompt to form pairs")
-    _check(_num(cfg, "generation.temperature") >= 0, "generation.temperature", cfg.generation.temperature, ">= 0")
-    _check(0 < _num(cfg, "generation.top_p") <= 1, "generation.top_p", cfg.generation.top_p, "in (0, 1]")
-    _check(_num(cfg, "generation.max_tokens") >= 1, "generation.max_tokens", cfg.generation.max_tokens, ">= 1")
-    _check(_num(cfg, "data.prompts_per_round") >= 0, "data.prompts_per_round", cfg.data.prompts_per_round, ">= 0")
-    _check(_num(cfg, "data.self_instruct.num_prompts") >= 0, "data.self_instruct.num_prompts", cfg.data.self_instruct.num_prompts, ">= 0")
-    _check(
-        _num(cfg, "data.prompts_per_round") + _num(cfg, "data.self_instruct.num_prompts") >= 1,
+    whole = lambda key: number(cfg, key).is_integer() and not isinstance(OmegaConf.select(cfg, key), bool)  # noqa: E731
+    check(number(cfg, "rounds") >= 1 and whole("rounds"), "rounds", cfg.rounds, "a whole number >= 1")
+    check(number(cfg, "generation.n") >= 2, "generation.n", cfg.generation.n, "at least 2 responses per prompt to form pairs")
+    check(number(cfg, "generation.temperature") >= 0, "generation.temperature", cfg.generation.temperature, ">= 0")
+    check(0 < number(cfg, "generation.top_p") <= 1, "generation.top_p", cfg.generation.top_p, "in (0, 1]")
+    check(
+        1 <= number(cfg, "generation.max_tokens") < number(cfg, "generation.engine.max_model_len"),
+        "generation.max_tokens", cfg.generation.max_tokens, "at least 1 and below generation.engine.max_model_len (room for the prompt)",
+    )
+    check(number(cfg, "data.prompts_per_round") >= 0, "data.prompts_per_round", cfg.data.prompts_per_round, ">= 0")
+    check(number(cfg, "data.self_instruct.num_prompts") >= 0, "data.self_instruct.num_prompts", cfg.data.self_instruct.num_prompts, ">= 0")
+    check(
+        number(cfg, "data.prompts_per_round") + number(cfg, "data.self_instruct.num_prompts") >= 1,
         "data.prompts_per_round", cfg.data.prompts_per_round, "with data.self_instruct.num_prompts, at least one prompt per round",
     )
-    _check(cfg.judge.mode in MODES, "judge.mode", cfg.judge.mode, f"one of {', '.join(MODES)}")
-    _check(_num(cfg, "judge.samples") >= 1, "judge.samples", cfg.judge.samples, ">= 1")
-    _check(0 <= _num(cfg, "judge.max_parse_failure_rate") <= 1, "judge.max_parse_failure_rate", cfg.judge.max_parse_failure_rate, "in [0, 1]")
-    _check(cfg.train.method in ("full", "lora"), "train.method", cfg.train.method, "full or lora")
-    _check(cfg.train.loss == "dpo", "train.loss", cfg.train.loss, "dpo (the only loss so far)")
-    _check(_num(cfg, "train.beta") > 0, "train.beta", cfg.train.beta, "> 0")
-    _check(_num(cfg, "train.learning_rate") > 0, "train.learning_rate", cfg.train.learning_rate, "> 0")
-    _check(_num(cfg, "train.epochs") > 0, "train.epochs", cfg.train.epochs, "> 0")
-    _check(
-        _num(cfg, "train.batch_size") >= 1 and _num(cfg, "train.micro_batch_size") >= 1
-        and _num(cfg, "train.batch_size") % _num(cfg, "train.micro_batch_size") == 0,
-        "train.batch_size", cfg.train.batch_size, "a multiple of train.micro_batch_size",
+    check(cfg.judge.mode in MODES, "judge.mode", cfg.judge.mode, f"one of {', '.join(MODES)}")
+    check(number(cfg, "judge.samples") >= 1, "judge.samples", cfg.judge.samples, ">= 1")
+    check(0 <= number(cfg, "judge.max_parse_failure_rate") <= 1, "judge.max_parse_failure_rate", cfg.judge.max_parse_failure_rate, "in [0, 1]")
+    check(number(cfg, "judge.min_score") < number(cfg, "judge.max_score"), "judge.min_score", cfg.judge.min_score, "below judge.max_score")
+    check(cfg.train.method in trainer.METHODS, "train.method", cfg.train.method, f"one of {', '.join(trainer.METHODS)}")
+    check(cfg.train.loss in trainer.LOSSES, "train.loss", cfg.train.loss, f"one of {', '.join(trainer.LOSSES)}")
+    check(str(cfg.train.save_dtype) in trainer.SAVE_DTYPES, "train.save_dtype", cfg.train.save_dtype, f"one of {', '.join(trainer.SAVE_DTYPES)}")
+    check(number(cfg, "train.beta") > 0, "train.beta", cfg.train.beta, "> 0")
+    check(number(cfg, "train.learning_rate") > 0, "train.learning_rate", cfg.train.learning_rate, "> 0")
+    check(number(cfg, "train.epochs") >= 1 and whole("train.epochs"), "train.epochs", cfg.train.epochs, "a whole number >= 1")
+    micro = cfg.train.micro_batch_size if cfg.train.micro_batch_size is not None else cfg.train.batch_size
+    check(
+        number(cfg, "train.batch_size") >= 1 and whole("train.batch_size") and int(micro) >= 1
+        and number(cfg, "train.batch_size") % int(micro) == 0,
+        "train.batch_size", cfg.train.batch_size, f"a whole multiple of train.micro_batch_size ({micro})",
     )
-    _check(0 < _num(cfg, "generation.engine.gpu_memory_utilization") <= 1,
-           "generation.engine.gpu_memory_utilization", cfg.generation.engine.gpu_memory_utilization, "in (0, 1]")
+    check(0 < number(cfg, "generation.engine.gpu_memory_utilization") <= 1,
+          "generation.engine.gpu_memory_utilization", cfg.generation.engine.gpu_memory_utilization, "in (0, 1]")
+    kv = cfg.generation.engine.kv_cache_gib
+    check(kv is None or number(cfg, "generation.engine.kv_cache_gib") > 0, "generation.engine.kv_cache_gib", kv, "> 0 GiB, or null")
+    check(str(cfg.generation.release_for_training).lower() in RELEASE_MODES, "generation.release_for_training",
+          cfg.generation.release_for_training, f"one of {', '.join(RELEASE_MODES)}")
     if cfg.data.prompts is not None:
-        _check(Path(str(cfg.data.prompts)).expanduser().is_file(), "data.prompts", cfg.data.prompts, "no such file")
+        check(Path(str(cfg.data.prompts)).expanduser().is_file(), "data.prompts", cfg.data.prompts, "no such file")
+    from orchestrator.eval.config import validate as validate_eval  # not at the top: orchestrator.eval imports this module
+
+    validate_eval(cfg)

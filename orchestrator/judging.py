@@ -16,8 +16,11 @@ from __future__ import annotations
 import math
 import re
 import statistics
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
+from orchestrator import chat
+from orchestrator.chat import Messages
+from orchestrator.section import Section
 from orchestrator.types import Generation, GenerationRequest, Judgment
 
 # Yuan et al. 2024, Figure 2 (the additive 5-point LLM-as-a-Judge prompt).
@@ -46,8 +49,14 @@ _SCORE_RE = re.compile(r"Score:\s*([0-9]+(?:\.[0-9]+)?)", re.IGNORECASE)
 MODES = ("text", "score_only")
 
 
-def judge_prompt(prompt: str, response: str) -> str:
-    return JUDGE_PROMPT.format(prompt=prompt, response=response)
+# The paper's prompt labels the question "User:"; a multi-turn transcript labels each of its turns.
+_TRANSCRIPT_JUDGE_PROMPT = JUDGE_PROMPT.replace("User: {prompt}", "{prompt}")
+
+
+def judge_prompt(messages: Messages, response: str) -> str:
+    """The judge's prompt for ``response`` to the prompt ``messages`` (shown as ``chat.transcript``)."""
+    template = JUDGE_PROMPT if len(messages) == 1 else _TRANSCRIPT_JUDGE_PROMPT
+    return template.format(prompt=chat.transcript(messages), response=response)
 
 
 def parse_score(text: str, lo: float = 0.0, hi: float = 5.0) -> float | None:
@@ -134,18 +143,22 @@ def judgment_metrics(judgments: list[Judgment]) -> dict[str, float]:
     return metrics
 
 
-def score_with(backend: Any, generations: list[Generation], cfg: dict[str, Any]) -> list[Judgment]:
-    """Judge ``generations`` through any backend with ``generate`` and ``choice_probs``."""
-    lo, hi = cfg.get("min_score", 0), cfg.get("max_score", 5)
-    prompts = [judge_prompt(g.prompt, g.text) for g in generations]
-    if cfg.get("mode", "text") == "score_only":
+def score_with(backend: Any, generations: list[Generation], cfg: Mapping[str, Any]) -> list[Judgment]:
+    """Judge ``generations`` through any backend with ``generate`` and ``choice_probs``.
+
+    ``cfg`` is the whole ``judge`` section (conf/judge/); a missing key is a KeyError naming it.
+    """
+    cfg = Section("judge", cfg)
+    lo, hi = cfg["min_score"], cfg["max_score"]
+    prompts = [judge_prompt(g.messages, g.text) for g in generations]
+    if cfg["mode"] == "score_only":
         probs = backend.choice_probs(prompts, score_choices(lo, hi), assistant_prefix=SCORE_PREFIX)
         return score_only_judgments(generations, probs)
     request = GenerationRequest(
         prompts=prompts,
-        n=int(cfg.get("samples", 3)),
-        temperature=float(cfg.get("temperature", 0.7)),
-        top_p=float(cfg.get("top_p", 0.9)),
-        max_tokens=int(cfg.get("max_tokens", 256)),
+        n=int(cfg["samples"]),
+        temperature=float(cfg["temperature"]),
+        top_p=float(cfg["top_p"]),
+        max_tokens=int(cfg["max_tokens"]),
     )
     return text_judgments(generations, [c.texts for c in backend.generate(request)], lo, hi)

@@ -163,16 +163,13 @@ def convert_gguf(gguf_file: Path, cache_dir: Path, name: str, *, what: str = "mo
 # -- internals -------------------------------------------------------------------------
 def _plain(model_cfg: Any, what: str) -> dict[str, Any]:
     """A plain dict from a DictConfig or mapping; a missing ``???`` path becomes a ConfigError."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        DictConfig = ()  # type: ignore[assignment,misc]
-    if isinstance(model_cfg, DictConfig):
-        if OmegaConf.is_missing(model_cfg, "path"):
-            raise ConfigError(f"{what}.path is required here: pass {what}.path=/path/to/hf/checkpoint")
-        data = OmegaConf.to_container(model_cfg, resolve=True)
-        assert isinstance(data, dict)
-        return data
+    from omegaconf import DictConfig, OmegaConf
+
+    from orchestrator.config import to_plain
+
+    if isinstance(model_cfg, DictConfig) and OmegaConf.is_missing(model_cfg, "path"):
+        raise ConfigError(f"{what}.path is required here: pass {what}.path=/path/to/hf/checkpoint")
+    model_cfg = to_plain(model_cfg)
     if not isinstance(model_cfg, Mapping):
         raise ConfigError(f"{what}: expected a mapping with name/path/gguf/cache_dir, got {type(model_cfg).__name__}")
     data = dict(model_cfg)

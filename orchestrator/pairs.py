@@ -32,7 +32,7 @@ def best_vs_worst(generations: list[Generation], judgments: list[Judgment]) -> t
         pairs.append(
             Pair(
                 prompt_id=prompt_id,
-                prompt=best.prompt,
+                messages=best.messages,
                 chosen=best.text,
                 rejected=worst.text,
                 chosen_score=float(best_score),

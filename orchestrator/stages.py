@@ -11,7 +11,7 @@ import statistics
 import time
 from typing import Any, Callable, Sequence
 
-from orchestrator import judging
+from orchestrator import chat, judging
 from orchestrator.errors import JudgeError
 from orchestrator.pairs import best_vs_worst, pair_metrics
 from orchestrator.selfinstruct import PromptFilter, clean_candidate, few_shot_prompt, pick_demos
@@ -68,7 +68,7 @@ def self_instruct(
         if why:
             reasons[why] = reasons.get(why, 0) + 1
             continue
-        kept.append(Prompt(id=f"si-r{round_index:03d}-{len(kept) + 1:04d}", text=text, source="self_instruct"))
+        kept.append(Prompt(id=f"si-r{round_index:03d}-{len(kept) + 1:04d}", messages=chat.user(text), source="self_instruct"))
         if len(kept) == want:
             break
     metrics = {
@@ -84,7 +84,7 @@ def generate_responses(
 ) -> tuple[list[Generation], dict[str, float]]:
     """N samples per prompt from the policy."""
     request = GenerationRequest(
-        prompts=[p.text for p in prompts],
+        prompts=[p.messages for p in prompts],
         n=int(cfg["n"]),
         temperature=float(cfg["temperature"]),
         top_p=float(cfg["top_p"]),
@@ -94,7 +94,7 @@ def generate_responses(
     completions = call(policy, "generate", request)
     wall = time.perf_counter() - t0
     gens = [
-        Generation(prompt_id=p.id, prompt=p.text, index=i, text=text, num_tokens=ntok, finish_reason=fin)
+        Generation(prompt_id=p.id, messages=p.messages, index=i, text=text, num_tokens=ntok, finish_reason=fin)
         for p, comp in zip(prompts, completions, strict=True)
         for i, (text, ntok, fin) in enumerate(zip(comp.texts, comp.num_tokens, comp.finish_reasons))
     ]

@@ -11,7 +11,9 @@ Layout::
         judgments.jsonl
         pairs.jsonl
         <stage>.metrics.json   the stage's metrics (what MLflow gets)
-        checkpoint/            the round's policy (safetensors + tokenizer), renamed into place
+        checkpoints/<name>/    the round's named checkpoints (safetensors + tokenizer): "policy"
+                               (the trained model), and whatever a recipe or plug-in adds
+                               ("judge", "rm_a", "expo", ...), each renamed into place
       mlflow.db                default tracking store
 """
 
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
 
@@ -82,6 +86,15 @@ def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
     os.replace(tmp_dir, final_dir)
 
 
+CHECKPOINT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def check_checkpoint_name(name: str) -> str:
+    if not CHECKPOINT_NAME.match(str(name)):
+        raise ValueError(f"checkpoint name {name!r}: want lowercase letters, digits and _ (e.g. policy, judge, rm_a)")
+    return str(name)
+
+
 class RoundDir:
     """One round's folder. A stage is done when its output file exists."""
 
@@ -111,16 +124,17 @@ class RoundDir:
         path = self.metrics_file(stage)
         return read_json(path) if path.exists() else {}
 
-    @property
-    def checkpoint(self) -> Path:
-        return self.path / "checkpoint"
+    def checkpoint(self, name: str) -> Path:
+        return self.path / "checkpoints" / check_checkpoint_name(name)
 
-    @property
-    def checkpoint_tmp(self) -> Path:
-        return self.path / "checkpoint.tmp"
+    def checkpoint_tmp(self, name: str) -> Path:
+        """A fresh temporary folder for checkpoint ``name``: unique, so two writers never share one."""
+        tmp = self.path / "checkpoints" / f".{check_checkpoint_name(name)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        return tmp
 
-    def has_checkpoint(self) -> bool:
-        return (self.checkpoint / "config.json").exists()
+    def has_checkpoint(self, name: str) -> bool:
+        return (self.checkpoint(name) / "config.json").exists()
 
 
 class RunStore:

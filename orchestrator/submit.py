@@ -44,7 +44,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from orchestrator.config import CONF_DIR, resolve_run_dir
+from orchestrator.config import CONF_DIR, resolve_run_dir, to_plain
 from orchestrator.errors import ConfigError, OrchestratorError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -76,14 +76,6 @@ def _select(cfg: Any, key: str, default: Any = None) -> Any:
 
     value = OmegaConf.select(cfg, key, default=default, throw_on_missing=False)
     return default if value is None or value == "???" else value
-
-
-def _plain(value: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 def normalize_address(address: str | None) -> str:
@@ -174,7 +166,7 @@ def default_submission_id(cfg: Any) -> str:
 
 
 def build_runtime_env(cfg: Any, run_dir: str, config_yaml: str) -> dict[str, Any]:
-    renv = _plain(_select(cfg, "cluster.runtime_env", {})) or {}
+    renv = to_plain(_select(cfg, "cluster.runtime_env", {})) or {}
     working_dir = renv.get("working_dir")
     if not working_dir:
         working_dir = str(PROJECT_ROOT)
@@ -337,10 +329,10 @@ def submit_run(
         "orchestrator.experiment": str(_select(cfg, "experiment_name", "")),
         "orchestrator.overrides": json.dumps(list(overrides)),
     }
-    metadata.update({str(k): str(v) for k, v in (_plain(_select(cfg, "cluster.metadata", {})) or {}).items()})
+    metadata.update({str(k): str(v) for k, v in (to_plain(_select(cfg, "cluster.metadata", {})) or {}).items()})
     kwargs: dict[str, Any] = {}
     for key in ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory", "entrypoint_resources"):
-        value = _plain(_select(cfg, f"cluster.{key}"))
+        value = to_plain(_select(cfg, f"cluster.{key}"))
         if value is not None:
             kwargs[key] = value
 

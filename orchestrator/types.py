@@ -4,7 +4,8 @@ Every stage reads and writes lists of these records as JSONL in the round's dire
 record converts to and from a plain dict (``to_dict`` / ``from_dict``). Fields that later stages
 may fill (a pair's ``weight`` from a filter, a generation's ``source`` checkpoint when several
 checkpoints generate at once) exist from the start so that recipes and filters extend the spine
-without changing the file formats.
+without changing the file formats. Prompts are chat messages (orchestrator.chat), checked when a
+record is built, so a malformed prompt fails where it is read or made, not in a worker.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from orchestrator import chat
+from orchestrator.chat import Messages
 
 T = TypeVar("T")
 
@@ -34,17 +38,26 @@ class Record:
 @dataclass
 class Prompt(Record):
     id: str
-    text: str
+    messages: Messages
     # "seed", "self_instruct", "file", or anything a recipe introduces (e.g. "refine").
     source: str = "seed"
     category: str | None = None
+
+    def __post_init__(self) -> None:
+        self.messages = chat.as_messages(self.messages)
+
+    @property
+    def text(self) -> str:
+        """The instruction (the last user turn): what dedup, overlap checks and demos compare."""
+        return chat.last_user(self.messages)
 
 
 @dataclass
 class GenerationRequest(Record):
     """One sampling job for a generation worker: ``n`` samples for each prompt."""
 
-    prompts: list[str]
+    # Chat: messages (a str is one user message); raw (``chat=False``): text sent as it is.
+    prompts: list[Messages] | list[str]
     n: int = 1
     temperature: float = 0.7
     top_p: float = 0.9
@@ -52,6 +65,12 @@ class GenerationRequest(Record):
     # Chat prompts are wrapped in the tokenizer's chat template; raw prompts are sent as they are.
     chat: bool = True
     stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.chat:
+            self.prompts = [chat.as_messages(p) for p in self.prompts]
+        elif not all(isinstance(p, str) for p in self.prompts):
+            raise ValueError("a raw (chat=False) GenerationRequest takes text prompts only")
 
 
 @dataclass
@@ -66,13 +85,16 @@ class Completion(Record):
 @dataclass
 class Generation(Record):
     prompt_id: str
-    prompt: str
+    messages: Messages
     index: int  # sample index within the prompt
     text: str
     num_tokens: int
     finish_reason: str = "stop"
     # Which checkpoint produced it: recipes that sample several checkpoints at once (ALMA) set this.
     source: str = "policy"
+
+    def __post_init__(self) -> None:
+        self.messages = chat.as_messages(self.messages)
 
     @property
     def key(self) -> str:
@@ -94,7 +116,7 @@ class Judgment(Record):
 @dataclass
 class Pair(Record):
     prompt_id: str
-    prompt: str
+    messages: Messages
     chosen: str
     rejected: str
     chosen_score: float
@@ -105,6 +127,9 @@ class Pair(Record):
     weight: float = 1.0
     epsilon: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.messages = chat.as_messages(self.messages)
 
 
 @dataclass

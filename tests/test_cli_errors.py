@@ -28,16 +28,41 @@ def error_line(proc):
     [
         ("generation.n=1", ["generation.n=1", "at least 2"]),
         ("judge.mode=vibes", ["judge.mode", "score_only"]),
-        ("train.method=qlora", ["train.method", "full or lora"]),
+        ("train.method=qlora", ["train.method", "one of full, lora"]),
+        ("train.loss=ipo", ["train.loss", "one of dpo"]),
+        ("train.micro_batch_size=3", ["train.batch_size=16", "multiple of train.micro_batch_size (3)"]),
+        ("train.epochs=0.5", ["train.epochs=0.5", "whole number"]),  # was a silent no-op round
         ("rounds=0", ["rounds=0"]),
+        ("rounds=true", ["rounds=True", "whole number"]),
         ("train.beta=abc", ["train.beta", "number"]),
+        ("judge.min_score=6", ["judge.min_score=6", "below judge.max_score"]),
+        ("generation.max_tokens=2048", ["generation.max_tokens=2048", "max_model_len"]),
+        ("generation.release_for_training=bogus", ["generation.release_for_training='bogus'", "sleep"]),
+        ("generation.engine.kv_cache_gib=0", ["generation.engine.kv_cache_gib=0", "> 0 GiB"]),
+        ("filters=[rip]", None),  # the control: a valid plug-in passes validation
     ],
 )
 def test_bad_config_value(tmp_path, tiny_checkpoint, override, words):
-    line = error_line(run_cli("model=local", f"model.path={tiny_checkpoint}", override, f"run_dir={tmp_path / 'run'}"))
+    from confs import composed
+
+    from orchestrator.cli import checked
+    from orchestrator.errors import ConfigError
+
+    cfg = composed(["model=local", f"model.path={tiny_checkpoint}", override, f"run_dir={tmp_path / 'run'}"])
+    if words is None:
+        checked(cfg)  # passes
+        return
+    with pytest.raises(ConfigError) as failed:
+        checked(cfg)  # what `orchestrate` checks before it writes anything or starts Ray
     for word in words:
-        assert word in line
-    assert not (tmp_path / "run" / "manifest.json").exists()
+        assert word in str(failed.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_config_value_through_the_real_cli(tmp_path, tiny_checkpoint):
+    line = error_line(run_cli("model=local", f"model.path={tiny_checkpoint}", "train.epochs=0.5", f"run_dir={tmp_path / 'run'}"))
+    assert "train.epochs=0.5" in line
+    assert not (tmp_path / "run" / "manifest.json").exists()  # only Hydra's own log is there
 
 
 def test_missing_model_path(tmp_path):

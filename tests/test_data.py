@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.chat import user
 from orchestrator.data import eval_prompts_path, load_prompts, seed_prompts_path
 from orchestrator.errors import ConfigError
 from orchestrator.types import Prompt
@@ -48,9 +49,9 @@ def test_load_prompt_and_text_keys_with_generated_ids(tmp_path: Path) -> None:
     )
     got = load_prompts(f)
     assert got == [
-        Prompt(id="mine-1", text="Say hello.", source="file", category=None),
-        Prompt(id="mine-3", text="Count to three.", source="file", category="maths"),
-        Prompt(id="x1", text="Name a colour.", source="file", category=None),
+        Prompt(id="mine-1", messages=user("Say hello."), source="file", category=None),
+        Prompt(id="mine-3", messages=user("Count to three."), source="file", category="maths"),
+        Prompt(id="x1", messages=user("Name a colour."), source="file", category=None),
     ]
 
 
@@ -63,6 +64,23 @@ def test_load_accepts_str_path_and_integer_ids(tmp_path: Path) -> None:
 def test_prompt_wins_over_text(tmp_path: Path) -> None:
     f = write_lines(tmp_path / "p.jsonl", [json.dumps({"prompt": "P", "text": "T"})])
     assert load_prompts(f)[0].text == "P"
+
+
+def test_messages_lines_keep_every_turn(tmp_path: Path) -> None:
+    turns = [
+        {"role": "system", "content": "Answer in one sentence."},
+        {"role": "user", "content": "What is rain?"},
+        {"role": "assistant", "content": "Water falling from clouds."},
+        {"role": "user", "content": "Refine your answer."},
+    ]
+    f = write_lines(
+        tmp_path / "chat.jsonl",
+        [json.dumps({"id": "c1", "messages": turns, "category": "facts"}), json.dumps({"messages": turns[1:2]})],
+    )
+    got = load_prompts(f)
+    assert got[0] == Prompt(id="c1", messages=turns, source="file", category="facts")
+    assert got[0].text == "Refine your answer."  # the instruction is the last user turn
+    assert got[1].messages == user("What is rain?") and got[1].id == "chat-2"
 
 
 def test_none_loads_the_shipped_seed_set() -> None:
@@ -109,6 +127,30 @@ def test_non_object_line(tmp_path: Path) -> None:
 def test_line_without_prompt_text(tmp_path: Path, obj: dict) -> None:
     f = write_lines(tmp_path / "bad.jsonl", [json.dumps({"prompt": "fine"}), json.dumps(obj)])
     expect_error(f, "line 2", '"prompt"')
+
+
+@pytest.mark.parametrize(
+    "messages, fragment",
+    [
+        ("What is rain?", "non-list"),
+        ([], "non-empty list"),
+        ([{"role": "bot", "content": "hi"}], "role 'bot'"),
+        ([{"role": "user", "content": 3}], "content"),
+        ([{"role": "user", "content": "  "}], "content"),
+        ([{"role": "user"}], "exactly"),
+        ([{"role": "user", "content": "hi", "name": "x"}], "exactly"),
+        (["hi"], "exactly"),
+        ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "end with a user turn"),
+    ],
+)
+def test_bad_messages_line(tmp_path: Path, messages, fragment: str) -> None:
+    f = write_lines(tmp_path / "bad.jsonl", [json.dumps({"prompt": "fine"}), json.dumps({"messages": messages})])
+    expect_error(f, "line 2", '"messages"', fragment)
+
+
+def test_messages_and_prompt_together(tmp_path: Path) -> None:
+    f = write_lines(tmp_path / "bad.jsonl", [json.dumps({"prompt": "one", "messages": [{"role": "user", "content": "two"}]})])
+    expect_error(f, "line 1", "both")
 
 
 def test_duplicate_ids(tmp_path: Path) -> None:

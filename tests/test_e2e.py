@@ -26,7 +26,7 @@ def finished_run(tmp_path_factory, tiny_checkpoint):
 
 # A small eval: 6 held-out prompts, 12 IF prompts, short greedy answers, a quick bootstrap.
 EXTRA = ["eval.max_prompts=6", "eval.if_max_prompts=12", "eval.decoding.max_tokens=24", "eval.lc.bootstrap=20",
-         "eval.judge.engine.gpu_memory_utilization=0.08"]
+         "eval.judge.engine.kv_cache_gib=0.25"]
 EVAL_KEYS = ["eval/vs_start/winrate", "eval/vs_start/lc_winrate", "eval/vs_start/lc_winrate_se", "eval/vs_prev/winrate",
              "eval/if/prompt_accuracy", "eval/if/check_accuracy", "eval/judge_agreement", "eval/policy_judge_parse_rate"]
 
@@ -41,9 +41,10 @@ def test_round_directories(finished_run):
         for stage in STAGES:
             assert (rd / f"{stage}.jsonl").stat().st_size > 0, stage
             assert (rd / f"{stage}.metrics.json").exists(), stage
-        assert (rd / "checkpoint" / "model.safetensors").exists()
+        assert (rd / "checkpoints" / "policy" / "model.safetensors").exists()
         state = manifest["rounds"][str(r)]
-        assert state["status"] == "done" and len(state["checkpoint_sha256"]) == 64
+        assert state["status"] == "done" and len(state["checkpoints"]["policy"]["sha256"]) == 64
+        assert state["checkpoints"]["policy"]["path"] == str(rd / "checkpoints" / "policy")
         gens = [json.loads(line) for line in (rd / "generations.jsonl").read_text().splitlines()]
         prompts = [json.loads(line) for line in (rd / "prompts.jsonl").read_text().splitlines()]
         assert len(gens) == 3 * len(prompts)
@@ -62,8 +63,8 @@ def test_round_directories(finished_run):
 def test_checkpoints_change_between_rounds(finished_run, tiny_checkpoint):
     run_dir, _ = finished_run
     w0 = load_file(str(Path(tiny_checkpoint) / "model.safetensors"))
-    w1 = load_file(str(run_dir / "rounds/round_001/checkpoint/model.safetensors"))
-    w2 = load_file(str(run_dir / "rounds/round_002/checkpoint/model.safetensors"))
+    w1 = load_file(str(run_dir / "rounds/round_001/checkpoints/policy/model.safetensors"))
+    w2 = load_file(str(run_dir / "rounds/round_002/checkpoints/policy/model.safetensors"))
     assert w1.keys() == w2.keys()
     assert any(not (w1[k] == w2[k]).all() for k in w1), "round 2 did not change the weights"
     assert any(not (w0[k] == w1[k]).all() for k in w0), "round 1 did not change the weights"
@@ -97,7 +98,8 @@ def test_mlflow_parent_and_round_runs(finished_run):
                     "pairs/chosen_score_mean", "pairs/chosen_chars_mean", "train/loss", "train/rewards_margins",
                     "train/rewards_accuracies", "time/generations_s", "time/train_s", "time/round_s"]:
             assert key in m, key
-        assert child.data.tags["checkpoint"].endswith("checkpoint")
+        assert child.data.tags["checkpoint.policy"].endswith("checkpoints/policy")
+        assert len(child.data.tags["checkpoint.policy.sha256"]) == 64
         arts = {a.path for a in client.list_artifacts(child.info.run_id, "data")}
         assert {"data/pairs.jsonl", "data/generations_sample.jsonl"} <= arts
 

@@ -1,17 +1,44 @@
 import math
 
 import pytest
+from confs import section
 
 from orchestrator import judging
-from orchestrator.types import Generation
+from orchestrator.chat import user
+from orchestrator.types import Completion, Generation
+
+MULTI_TURN = [
+    {"role": "system", "content": "Be brief."},
+    *user("What is rain?"),
+    {"role": "assistant", "content": "Water."},
+    *user("Refine your answer."),
+]
 
 
-def gen(pid="p1", index=0, text="an answer"):
-    return Generation(prompt_id=pid, prompt="a question", index=index, text=text, num_tokens=3)
+def gen(pid="p1", index=0, text="an answer", messages=None):
+    return Generation(prompt_id=pid, messages=messages or user("a question"), index=index, text=text, num_tokens=3)
+
+
+class RecordingJudge:
+    """A backend that records the prompts and requests it gets; every sample says ``Score: 4``."""
+
+    def __init__(self):
+        self.prompts, self.requests, self.prefix = [], [], None
+
+    def generate(self, request):
+        self.requests.append(request)
+        self.prompts += [m[-1]["content"] for m in request.prompts]
+        n = request.n
+        return [Completion(texts=["Score: 4"] * n, num_tokens=[2] * n, finish_reasons=["stop"] * n) for _ in request.prompts]
+
+    def choice_probs(self, prompts, choices, assistant_prefix="", chat=True):
+        self.prompts += prompts
+        self.prefix = assistant_prefix
+        return [{"3": 1.0} for _ in prompts]
 
 
 def test_prompt_holds_question_response_and_rubric():
-    text = judging.judge_prompt("What is 2+2?", "It is 4.")
+    text = judging.judge_prompt(user("What is 2+2?"), "It is 4.")
     assert "User: What is 2+2?" in text
     assert "<response>It is 4.</response>" in text
     assert "additive 5-point scoring system" in text
@@ -63,3 +90,35 @@ def test_score_only_judgments():
     assert js[1].score is None
     assert judging.score_choices(0, 5) == ["0", "1", "2", "3", "4", "5"]
     assert not any(math.isnan(v) for v in judging.judgment_metrics(js).values())
+
+
+def test_single_turn_judge_prompt_is_the_papers():
+    judge = RecordingJudge()
+    (j,) = judging.score_with(judge, [gen()], section("judge", mode="score_only"))
+    assert judge.prompts == [judging.JUDGE_PROMPT.format(prompt="a question", response="an answer")]
+    assert judge.prefix == judging.SCORE_PREFIX and j.score == 3.0
+
+
+def test_multi_turn_judge_prompt_shows_the_conversation():
+    judge = RecordingJudge()
+    judging.score_with(judge, [gen(messages=MULTI_TURN)], section("judge", mode="score_only"))
+    (prompt,) = judge.prompts
+    assert "User: System" not in prompt
+    assert "\n\nSystem: Be brief.\n\nUser: What is rain?\n\nAssistant: Water.\n\nUser: Refine your answer.\n\n<response>an answer</response>" in prompt
+
+
+def test_text_mode_reads_the_judge_section():
+    judge = RecordingJudge()
+    cfg = section("judge", mode="text", samples=2, temperature=0.3, top_p=0.8, max_tokens=17)
+    (j,) = judging.score_with(judge, [gen()], cfg)
+    (request,) = judge.requests
+    assert (request.n, request.temperature, request.top_p, request.max_tokens) == (2, 0.3, 0.8, 17)
+    assert request.chat and j.samples == [4.0, 4.0] and j.score == 4.0
+
+
+@pytest.mark.parametrize("missing", ["samples", "mode", "min_score"])
+def test_incomplete_judge_section_names_the_key(missing):
+    cfg = section("judge", mode="text")
+    del cfg[missing]
+    with pytest.raises(KeyError, match=f"judge.{missing} missing"):
+        judging.score_with(RecordingJudge(), [gen()], cfg)

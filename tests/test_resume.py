@@ -30,7 +30,7 @@ def test_kill_mid_round_then_resume(tmp_path, tiny_checkpoint):
     # pairs.jsonl is written just before training starts: kill during round 1's training.
     wait_for(round1 / "pairs.jsonl", proc, timeout=900)
     kill_group(proc)
-    assert not (round1 / "checkpoint").exists(), "the kill came too late to be mid-round"
+    assert not (round1 / "checkpoints" / "policy").exists(), "the kill came too late to be mid-round"
 
     before = {name: (round1 / name).read_bytes() for name in ("prompts.jsonl", "generations.jsonl", "judgments.jsonl", "pairs.jsonl")}
     mtimes = {name: (round1 / name).stat().st_mtime_ns for name in before}
@@ -52,8 +52,8 @@ def test_kill_mid_round_then_resume(tmp_path, tiny_checkpoint):
     for name, data in before.items():
         assert (round1 / name).read_bytes() == data
         assert (round1 / name).stat().st_mtime_ns == mtimes[name]
-    assert (round1 / "checkpoint" / "model.safetensors").exists()
-    assert (run_dir / "rounds" / "round_002" / "checkpoint" / "model.safetensors").exists()
+    assert (round1 / "checkpoints" / "policy" / "model.safetensors").exists()
+    assert (run_dir / "rounds" / "round_002" / "checkpoints" / "policy" / "model.safetensors").exists()
 
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "finished"

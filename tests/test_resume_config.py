@@ -6,12 +6,13 @@ import pytest
 
 from orchestrator.controller import Controller
 from orchestrator.errors import ConfigError
+from orchestrator.recipes import get_recipe
 from orchestrator.submit import compose_config
 
 
 def open_run(run_dir, *overrides):
     cfg = compose_config([f"run_dir={run_dir}", *overrides])
-    ctl = Controller(cfg)
+    ctl = Controller(cfg, get_recipe(cfg.recipe).roles(cfg))
     ctl.open_store()
     return ctl
 

@@ -1,8 +1,12 @@
 import random
 
 import pytest
+from confs import section
 
+from orchestrator import stages
+from orchestrator.chat import user
 from orchestrator.selfinstruct import PromptFilter, clean_candidate, few_shot_prompt, pick_demos, rouge_l, tokens
+from orchestrator.types import Completion
 
 
 def test_rouge_l_known_values():
@@ -42,3 +46,21 @@ def test_filter_reasons():
     assert f.reason("Explain\x07 how tides work") == "format"
     assert f.reason("List three uses of copper in homes") is None
     assert f.reason("list three uses of copper in homes") == "duplicate"
+
+
+def test_self_instruct_stage_sends_raw_text_and_keeps_user_prompts():
+    requests = []
+
+    def call(worker, method, request):
+        requests.append(request)
+        texts = [" Describe how tides work.\n\nTask 9: x", "Hi", " List three uses of copper in homes."]
+        return [Completion(texts=[t], num_tokens=[5], finish_reasons=["stop"]) for t in texts]
+
+    cfg = {**section("data")["self_instruct"], "num_prompts": 2, "oversample": 2}
+    seed = [f"Seed task number {i} about cooking" for i in range(10)]
+    kept, metrics = stages.self_instruct(call, None, seed, [], seed, cfg, random.Random(0), 3)
+    (request,) = requests
+    assert request.chat is False and all(isinstance(p, str) and p.endswith("Task 9:") for p in request.prompts)
+    assert [p.messages for p in kept] == [user("Describe how tides work."), user("List three uses of copper in homes.")]
+    assert [p.id for p in kept] == ["si-r003-0001", "si-r003-0002"] and {p.source for p in kept} == {"self_instruct"}
+    assert metrics["self_instruct/rejected_length"] == 1.0

@@ -438,7 +438,7 @@ def test_submit_tiny_experiment_one_round(ray_head, tmp_path, capsys):
         "model=local", f"model.path={model}", "rounds=1", "data.prompts_per_round=4",
         "data.self_instruct.num_prompts=0", "generation.n=2", "generation.max_tokens=16",
         # a short context and a small KV cache (a share of host memory on CPU)
-        "generation.engine.max_model_len=512", "generation.engine.gpu_memory_utilization=0.08",
+        "generation.engine.max_model_len=512", "generation.engine.kv_cache_gib=0.25",
         "eval.every=0", "cluster=ray_job", f"run_dir={run_dir}",
     ]  # fmt: skip
     cfg = compose_config(user)

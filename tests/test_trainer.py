@@ -10,8 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 
+from confs import section  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from orchestrator import chat  # noqa: E402
 from tiny_model import make_tiny_checkpoint  # noqa: E402
 from workers import trainer as trainer_mod  # noqa: E402
 from workers.trainer import TrainerWorker  # noqa: E402
@@ -32,7 +34,7 @@ def make_pairs(n: int = 8, **extra) -> list[dict]:
     return [
         {
             "prompt_id": f"p{i}",
-            "prompt": f"What is {i} plus {i}?",
+            "messages": chat.user(f"What is {i} plus {i}?"),
             "chosen": f"The answer is {2 * i}.",
             "rejected": "I am sorry, but I cannot help with that request.",
             "chosen_score": 5.0,
@@ -44,25 +46,12 @@ def make_pairs(n: int = 8, **extra) -> list[dict]:
 
 
 def make_cfg(**over) -> dict:
-    cfg = {
-        "loss": "dpo",
-        "beta": 0.1,
-        "learning_rate": 1e-3,
-        "min_lr_ratio": 0.1,
-        "lr_scheduler": "cosine_with_min_lr",
-        "batch_size": 4,
-        "micro_batch_size": 2,
-        "epochs": 1,
-        "dropout": 0.1,
-        "max_length": 256,
-        "method": "full",
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
-        "save_dtype": "float32",
-        "bf16": False,
-        "threads": None,
+    """conf/train/dpo.yaml, with a learning rate that moves a tiny model in a step and small batches."""
+    small = {
+        "learning_rate": 1e-3, "batch_size": 4, "micro_batch_size": 2, "max_length": 256,
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
     }
-    cfg.update(over)
-    return cfg
+    return section("train", **{**small, **over})
 
 
 @pytest.fixture(scope="module")
@@ -165,14 +154,62 @@ def test_errors(base, worker, tmp_path):
     out = str(tmp_path / "out")
     with pytest.raises(ValueError, match="no pairs to train on"):
         worker.train([], base, out, make_cfg())
-    with pytest.raises(ValueError, match="train.method"):
-        worker.train(make_pairs(2), base, out, make_cfg(method="qlora"))
-    with pytest.raises(ValueError, match="train.loss"):
-        worker.train(make_pairs(2), base, out, make_cfg(loss="ipo"))
-    with pytest.raises(ValueError, match="micro_batch_size"):
-        worker.train(make_pairs(2), base, out, make_cfg(batch_size=6, micro_batch_size=4))
     with pytest.raises(ValueError, match="epsilon"):
         worker.train(make_pairs(2, epsilon=0.7), base, out, make_cfg())
     with pytest.raises(ValueError, match="weight"):
         worker.train(make_pairs(2, weight=-1.0), base, out, make_cfg())
+    with pytest.raises(ValueError, match=r"pair 0 \(p0\): messages must end with a user turn"):
+        answered = [*chat.user("Hi."), {"role": "assistant", "content": "Hello."}]
+        worker.train(make_pairs(2, messages=answered), base, out, make_cfg())
+    # Defaults live in the YAML only: an incomplete section names the missing key.
+    incomplete = make_cfg()
+    del incomplete["batch_size"]
+    with pytest.raises(KeyError, match="train.batch_size missing"):
+        worker.train(make_pairs(2), base, out, incomplete)
+    incomplete = make_cfg(method="lora")
+    del incomplete["lora"]["alpha"]
+    with pytest.raises(KeyError, match="train.lora.alpha missing"):
+        worker.train(make_pairs(2), base, out, incomplete)
     assert not os.path.exists(out)
+
+
+def test_trainer_prompt_ids_are_the_samplers(base, tmp_path):
+    """For the same messages, the ids the trainer trains on as the prompt are the ids VLLMWorker
+    feeds the engine (both chat.encode); replies end with the template's <|im_end|>; a prompt that
+    fills max_length is dropped as TRL drops it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig
+
+    from workers.vllm_worker import VLLMWorker
+
+    tok = AutoTokenizer.from_pretrained(base)
+    multi = [
+        {"role": "system", "content": "Answer briefly."},
+        *chat.user("What is 2 plus 2?"),
+        {"role": "assistant", "content": "4."},
+        *chat.user("Refine your answer."),
+    ]
+    long = chat.user("The quick brown fox jumps over the lazy dog. " * 20)
+    pairs = [*make_pairs(1), *make_pairs(1, prompt_id="multi", messages=multi), *make_pairs(1, prompt_id="long", messages=long)]
+    plain_cls, _, _ = trainer_mod._make_trainer_classes()
+    args = DPOConfig(output_dir=str(tmp_path), max_length=200, report_to="none", use_cpu=True)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    prepared = plain_cls(model=model, args=args, train_dataset=trainer_mod._dataset(pairs, False), processing_class=tok).train_dataset
+
+    assert len(chat.encode(tok, long)) >= 200 and len(prepared) == 2  # the long prompt is dropped
+    sampler = VLLMWorker.__new__(VLLMWorker)  # no engine: only its prompt tokenization
+    sampler.tokenizer = tok
+    for pair, row in zip(pairs, prepared):
+        assert row["prompt_ids"] == sampler._token_ids(pair["messages"], True) == chat.encode(tok, pair["messages"])
+        assert tok.decode(row["chosen_ids"]) == pair["chosen"] + "<|im_end|>\n"
+        assert tok.decode(row["rejected_ids"]) == pair["rejected"] + "<|im_end|>\n"
+    assert tok.decode(prepared[1]["prompt_ids"]).startswith("<|im_start|>system\nAnswer briefly.<|im_end|>\n")
+
+
+def test_multi_turn_pairs_train(base, worker, tmp_path):
+    multi = [{"role": "system", "content": "Answer briefly."}, *chat.user("Hello."), {"role": "assistant", "content": "Hi."}]
+    pairs = [{**p, "messages": [*multi, *p["messages"]]} for p in make_pairs(4)]
+    out = str(tmp_path / "out")
+    result = worker.train(pairs, base, out, make_cfg(batch_size=4), seed=2)
+    check_result(result, out, 4, 4)
+    assert "train/dropped_pairs" not in result["metrics"]

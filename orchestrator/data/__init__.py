@@ -2,8 +2,9 @@
 
 ``seed_prompts.jsonl`` (240 prompts) feeds the rounds; ``eval_prompts.jsonl`` (120 prompts) is
 held out to measure whether rounds improved the policy and is never used for training. Both have
-one ``{"id", "prompt", "category"}`` object per line, six categories (writing, advice, coding,
-maths, facts, reasoning) interleaved so that any prefix is balanced.
+one ``{"id", "prompt", "category"}`` object per line (``load_prompts`` also reads chat
+``"messages"``), six categories (writing, advice, coding, maths, facts, reasoning) interleaved so
+that any prefix is balanced.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib.resources
 import json
 from pathlib import Path
 
+from orchestrator import chat
 from orchestrator.errors import ConfigError
 from orchestrator.types import Prompt
 
@@ -43,11 +45,12 @@ def eval_prompts_path() -> Path:
 def load_prompts(path: str | Path | None, *, what: str = "data.prompts", source: str | None = None) -> list[Prompt]:
     """Read prompts from a JSONL file (None: the shipped seed set).
 
-    Each non-blank line is a JSON object with a non-empty ``"prompt"`` (or ``"text"``) string and
-    optionally ``"id"`` and ``"category"``; other keys are ignored. Missing ids become
-    ``<file stem>-<line no>``. ``source`` defaults to "seed" for the shipped seed set and "file"
-    otherwise. Any problem raises :class:`ConfigError` with one line naming ``what``, the path and
-    the problem.
+    Each non-blank line is a JSON object with either a non-empty ``"prompt"`` (or ``"text"``)
+    string, one user message, or ``"messages"``: a chat prompt as a list of ``{"role", "content"}``
+    (system / user / assistant) ending with a user turn. Optional ``"id"`` and ``"category"``;
+    other keys are ignored. Missing ids become ``<file stem>-<line no>``. ``source`` defaults to
+    "seed" for the shipped seed set and "file" otherwise. Any problem raises :class:`ConfigError`
+    with one line naming ``what``, the path and the problem.
     """
     if path is None:
         file = seed_prompts_path()
@@ -79,9 +82,20 @@ def load_prompts(path: str | Path | None, *, what: str = "data.prompts", source:
             raise ConfigError(f"{where}: line {lineno} is not valid JSON ({exc.msg}, column {exc.colno})") from None
         if not isinstance(obj, dict):
             raise ConfigError(f"{where}: line {lineno} is not a JSON object (got {type(obj).__name__})")
-        body = obj.get("prompt", obj.get("text"))
-        if not isinstance(body, str) or not body.strip():
-            raise ConfigError(f"{where}: line {lineno} has no non-empty \"prompt\" (or \"text\") string")
+        if "messages" in obj:
+            if "prompt" in obj or "text" in obj:
+                raise ConfigError(f"{where}: line {lineno} has both \"messages\" and \"prompt\"/\"text\" (give one)")
+            if not isinstance(obj["messages"], list):
+                raise ConfigError(f"{where}: line {lineno} has a non-list \"messages\" {obj['messages']!r:.60}")
+            try:
+                messages = chat.as_messages(obj["messages"])
+            except ValueError as exc:
+                raise ConfigError(f"{where}: line {lineno} has invalid \"messages\": {exc}") from None
+        else:
+            body = obj.get("prompt", obj.get("text"))
+            if not isinstance(body, str) or not body.strip():
+                raise ConfigError(f"{where}: line {lineno} has no non-empty \"prompt\" (or \"text\") string")
+            messages = chat.user(body.strip())
         pid = obj.get("id")
         if pid is None:
             pid = f"{file.stem}-{lineno}"
@@ -94,7 +108,7 @@ def load_prompts(path: str | Path | None, *, what: str = "data.prompts", source:
         category = obj.get("category")
         if category is not None and not isinstance(category, str):
             raise ConfigError(f"{where}: line {lineno} has a non-string \"category\" {category!r}")
-        prompts.append(Prompt(id=pid, text=body.strip(), source=src, category=category or None))
+        prompts.append(Prompt(id=pid, messages=messages, source=src, category=category or None))
 
     if not prompts:
         raise ConfigError(f"{where}: no prompts (the file is empty)")

@@ -15,13 +15,19 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import hydra
 from omegaconf import DictConfig, open_dict
 
-from orchestrator.config import CONF_DIR
+from orchestrator import eval as evaluation
+from orchestrator.config import CONF_DIR, to_plain, validate
+from orchestrator.controller import POLICY, Controller
+from orchestrator.data import load_prompts
 from orchestrator.errors import ConfigError, OrchestratorError
+from orchestrator.models import resolve_model_path
+from orchestrator.report import collect, format_table
+from orchestrator.roles import core_roles
 
 log = logging.getLogger("orchestrator")
 
@@ -30,63 +36,40 @@ DEFAULT_OVERRIDES = {"run_dir": "outputs/eval/${now:%Y-%m-%d_%H-%M-%S}", "rounds
 
 
 def _baseline_path(cfg: DictConfig) -> str:
-    from orchestrator.controller import plain
-    from orchestrator.models import resolve_model_path
-
-    spec = cfg.eval.get("baseline")
+    spec = cfg.eval.baseline
     if spec:
         return resolve_model_path(
             {"name": "baseline", "path": str(spec), "gguf": None, "cache_dir": cfg.model.cache_dir}, what="eval.baseline"
         )
-    if not cfg.model.get("gguf"):
+    if not cfg.model.gguf:
         raise ConfigError(
             "orchestrate-eval: no baseline to compare with; set eval.baseline=/path/to/starting/checkpoint "
             "(the default baseline is the embedded model, which this model config does not have)"
         )
-    return resolve_model_path({**plain(cfg.model), "path": None}, what="model")
+    return resolve_model_path({**to_plain(cfg.model), "path": None}, what="model")
 
 
 def run(cfg: DictConfig) -> Path:
-    from orchestrator.config import validate
-    from orchestrator.controller import Controller, Round, call, plain
-    from orchestrator.data import load_prompts
-    from orchestrator.eval.plot import plot_run
-    from orchestrator.eval.stage import STAGE, EvalRecord, eval_config, eval_stage, fixed_judge, preflight, summary_line
-    from orchestrator.report import collect, format_table
-
+    """Evaluate ``model.path`` as round 1 of a one-round run whose starting model is the baseline."""
     validate(cfg)
     if not cfg.model.get("path"):
         raise ConfigError("orchestrate-eval needs the checkpoint to evaluate: model.path=/path/to/checkpoint")
-    c = eval_config(cfg.eval)
-    train = load_prompts(cfg.data.prompts)
-    preflight({**c, "every": 1}, train)
+    evaluation.preflight(cfg, load_prompts(cfg.data.prompts))
     # Both models are checked before the run directory is made.
-    from orchestrator.models import resolve_model_path
-
     checkpoint = resolve_model_path(cfg.model)
     baseline = _baseline_path(cfg)
-    ctl = Controller(cfg)
+    policy = [role for role in core_roles(cfg) if role.name == "policy"]
+    ctl = Controller(cfg, policy + evaluation.roles(cfg))
     with ctl.session():
         ctl.start_model = baseline
         ctl.store.manifest["start_model"] = {"path": baseline}
         ctl.store.manifest["eval_checkpoint"] = {"path": checkpoint}
         ctl.store.save()
         print(f"run dir: {ctl.store.root}\nevaluating {checkpoint}\nagainst   {baseline}", flush=True)
-
-        def serve(path: str) -> Any:
-            return ctl.serve(path, what="the evaluated model's vLLM engine")
-
-        common = dict(store=ctl.store, cfg=c, train_prompts=train, judge_cfg=plain(cfg.judge), call=call)
-        start = Round(ctl, 0)
-        start.stage(STAGE, EvalRecord, lambda: eval_stage(round_index=0, policy=serve(baseline), fixed_judge=fixed_judge(ctl, c), **common))
-        ctl.tracker.end_round(0)
+        # The checkpoint is round 1's policy, so the round loop's hook evaluates it against round 0.
         with ctl.round(1) as rnd:
-            ctl.tracker.tag_round(1, checkpoint=checkpoint)
-            rnd.stage(STAGE, EvalRecord, lambda: eval_stage(round_index=1, policy=serve(checkpoint), fixed_judge=fixed_judge(ctl, c), **common))
-        log.info(summary_line(1, ctl.store.round(1).metrics(STAGE)))
-        png = plot_run(ctl.store.root)
-        if png is not None:
-            ctl.tracker.log_artifact(png)
+            rnd.adopt(POLICY, checkpoint)
+            evaluation.evaluate(rnd)
     print(format_table(collect(ctl.store.root)), flush=True)
     return ctl.store.root
 
@@ -95,7 +78,9 @@ def run(cfg: DictConfig) -> Path:
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         with open_dict(cfg):
+            # One evaluated round, whatever eval.every says (it schedules evals in training runs).
             cfg.rounds = 1
+            cfg.eval.every = 1
         run(cfg)
     except OrchestratorError as exc:
         log.debug("failure", exc_info=True)

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
+
+from orchestrator.roles import call
 
 COMPARE_TEMPLATE = """You are a careful and impartial judge. Below is an instruction and two outputs written by two different AI assistants. Decide which output follows the instruction better: it should be helpful, accurate, relevant and clearly written. The order in which the outputs appear and their length must not influence your decision.
 
@@ -34,20 +36,7 @@ COMPARE_TEMPLATE = """You are a careful and impartial judge. Below is an instruc
 
 Which output is better, Output (a) or Output (b)? Answer with "Output (a)" or "Output (b)" only."""
 
-DEFAULTS: dict[str, Any] = {
-    "mode": "soft",
-    "choices": ["a", "b"],
-    "assistant_prefix": "Output (",
-    "chat": True,
-    "max_output_chars": 4000,
-    "template": None,
-}
 MODES = ("soft", "hard")
-
-
-def direct_call(worker: Any, method: str, *args: Any, **kwargs: Any) -> Any:
-    """Call a worker method on a local object (the controller's ``call`` also handles Ray actors)."""
-    return getattr(worker, method)(*args, **kwargs)
 
 
 @dataclass
@@ -61,7 +50,8 @@ class PairVerdict:
     identical: bool = False
 
 
-def compare_prompt(instruction: str, output_a: str, output_b: str, template: str | None = None, max_chars: int = 4000) -> str:
+def compare_prompt(instruction: str, output_a: str, output_b: str, template: str | None, max_chars: int) -> str:
+    """The comparison prompt; ``template`` None is COMPARE_TEMPLATE, ``max_chars`` 0 keeps outputs whole."""
     clip = (lambda s: s if len(s) <= max_chars else s[:max_chars] + " ...") if max_chars else (lambda s: s)  # noqa: E731
     return (template or COMPARE_TEMPLATE).format(instruction=instruction, output_a=clip(output_a), output_b=clip(output_b))
 
@@ -73,7 +63,7 @@ def decision(p: float | None, eps: float = 1e-9) -> float | None:
     return 1.0 if p > 0.5 + eps else 0.0 if p < 0.5 - eps else 0.5
 
 
-def combine(p_first: float | None, p_second: float | None, mode: str = "soft") -> float | None:
+def combine(p_first: float | None, p_second: float | None, mode: str) -> float | None:
     """Preference for the model from its two orders (see the module docstring)."""
     if mode not in MODES:
         raise ValueError(f"pairwise mode must be one of {MODES}, got {mode!r}")
@@ -90,23 +80,25 @@ def judge_pairs(
     instructions: Sequence[str],
     model_outputs: Sequence[str],
     baseline_outputs: Sequence[str],
-    cfg: Mapping[str, Any] | None = None,
-    call: Callable[..., Any] = direct_call,
+    cfg: Mapping[str, Any],
 ) -> list[PairVerdict]:
-    """Judge each (model, baseline) pair in both orders with ``judge.choice_probs``."""
-    c = {**DEFAULTS, **(cfg or {})}
-    choices = list(c["choices"])
+    """Judge each (model, baseline) pair in both orders with ``judge.choice_probs``.
+
+    ``cfg`` is the ``eval.pairwise`` section (conf/eval/default.yaml); every key is read.
+    """
+    choices = list(cfg["choices"])
     if len(choices) != 2:
         raise ValueError(f"pairwise choices must be two strings, got {choices}")
     first, second = choices
     if not (len(instructions) == len(model_outputs) == len(baseline_outputs)):
         raise ValueError("instructions, model_outputs and baseline_outputs differ in length")
     todo = [i for i in range(len(instructions)) if model_outputs[i] != baseline_outputs[i]]
+    template, max_chars = cfg["template"], int(cfg["max_output_chars"])
     prompts = []
     for i in todo:
-        prompts.append(compare_prompt(instructions[i], model_outputs[i], baseline_outputs[i], c["template"], c["max_output_chars"]))
-        prompts.append(compare_prompt(instructions[i], baseline_outputs[i], model_outputs[i], c["template"], c["max_output_chars"]))
-    probs = call(judge, "choice_probs", prompts, choices, c["assistant_prefix"], bool(c["chat"])) if prompts else []
+        prompts.append(compare_prompt(instructions[i], model_outputs[i], baseline_outputs[i], template, max_chars))
+        prompts.append(compare_prompt(instructions[i], baseline_outputs[i], model_outputs[i], template, max_chars))
+    probs = call(judge, "choice_probs", prompts, choices, str(cfg["assistant_prefix"]), bool(cfg["chat"])) if prompts else []
     if len(probs) != len(prompts):
         raise ValueError(f"judge returned {len(probs)} results for {len(prompts)} prompts")
     verdicts = [PairVerdict(0.5, 0.5, 0.5, 2, identical=True) for _ in instructions]
@@ -114,7 +106,7 @@ def judge_pairs(
         pa, pb = probs[2 * k], probs[2 * k + 1]
         p1 = _prob(pa, first, second)
         p2 = _prob(pb, second, first)
-        verdicts[i] = PairVerdict(p1, p2, combine(p1, p2, c["mode"]), int(p1 is not None) + int(p2 is not None))
+        verdicts[i] = PairVerdict(p1, p2, combine(p1, p2, str(cfg["mode"])), int(p1 is not None) + int(p2 is not None))
     return verdicts
 
 
