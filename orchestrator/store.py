@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, Iterator, TypeVar
 
 from orchestrator.types import Record
 
@@ -65,18 +65,24 @@ def write_jsonl(path: Path, records: Iterable[Record | dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
+def parse_jsonl(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line; a ValueError naming the line on bad JSON."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"line {lineno} is not valid JSON ({exc.msg}, column {exc.colno})") from None
+
+
 def read_jsonl(path: Path, cls: type[R] | None = None) -> list[Any]:
-    out = []
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            out.append(cls.from_dict(data) if cls is not None else data)
-    return out
+        try:
+            rows = [data for _, data in parse_jsonl(fh)]
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    return [cls.from_dict(data) for data in rows] if cls is not None else rows
 
 
 def publish_dir(tmp_dir: Path, final_dir: Path) -> None:

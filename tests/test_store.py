@@ -40,7 +40,7 @@ def test_failed_write_leaves_previous_file(tmp_path):
 def test_read_jsonl_names_bad_line(tmp_path):
     path = tmp_path / "g.jsonl"
     path.write_text(json.dumps(Generation("p", user("q"), 0, "t", 1).to_dict()) + "\n{oops\n")
-    with pytest.raises(ValueError, match="g.jsonl:2"):
+    with pytest.raises(ValueError, match=r"g.jsonl: line 2 is not valid JSON"):
         read_jsonl(path, Generation)
 
 

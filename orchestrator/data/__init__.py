@@ -1,7 +1,8 @@
 """Prompt sets: the seed prompts shipped with the package, the held-out eval prompts, and a loader.
 
 ``seed_prompts.jsonl`` (240 prompts) feeds the rounds; ``eval_prompts.jsonl`` (120 prompts) is
-held out to measure whether rounds improved the policy and is never used for training. Both have
+held out to measure whether rounds improved the policy and is never used for training;
+``dev_prompts.jsonl`` (42 prompts) is the development set ExPO chooses its alpha on. All have
 one ``{"id", "prompt", "category"}`` object per line (``load_prompts`` also reads chat
 ``"messages"``), six categories (writing, advice, coding, maths, facts, reasoning) interleaved so
 that any prefix is balanced.
@@ -10,15 +11,16 @@ that any prefix is balanced.
 from __future__ import annotations
 
 import importlib.resources
-import json
 from pathlib import Path
 
 from orchestrator import chat
 from orchestrator.errors import ConfigError
+from orchestrator.store import parse_jsonl
 from orchestrator.types import Prompt
 
 SEED_FILE = "seed_prompts.jsonl"
 EVAL_FILE = "eval_prompts.jsonl"
+DEV_FILE = "dev_prompts.jsonl"
 
 
 def _package_file(name: str) -> Path:
@@ -40,6 +42,12 @@ def seed_prompts_path() -> Path:
 def eval_prompts_path() -> Path:
     """The held-out evaluation prompt set shipped in the package (never train on it)."""
     return _package_file(EVAL_FILE)
+
+
+def dev_prompts_path() -> Path:
+    """The development prompt set shipped in the package: ExPO's alpha is chosen on it (never
+    trained or evaluated on)."""
+    return _package_file(DEV_FILE)
 
 
 def load_prompts(path: str | Path | None, *, what: str = "data.prompts", source: str | None = None) -> list[Prompt]:
@@ -73,13 +81,11 @@ def load_prompts(path: str | Path | None, *, what: str = "data.prompts", source:
 
     prompts: list[Prompt] = []
     first_line: dict[str, int] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: line {lineno} is not valid JSON ({exc.msg}, column {exc.colno})") from None
+    try:
+        rows = list(parse_jsonl(text.splitlines()))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    for lineno, obj in rows:
         if not isinstance(obj, dict):
             raise ConfigError(f"{where}: line {lineno} is not a JSON object (got {type(obj).__name__})")
         if "messages" in obj:
@@ -122,4 +128,4 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-__all__ = ["eval_prompts_path", "load_prompts", "seed_prompts_path"]
+__all__ = ["dev_prompts_path", "eval_prompts_path", "load_prompts", "seed_prompts_path"]
