@@ -1,9 +1,14 @@
-"""Preference pairs from judged generations (Self-Rewarding: highest vs lowest mean score)."""
+"""Preference pairs from judged generations (Self-Rewarding: highest vs lowest mean score), and
+EVOLVE's direct and refinement pairs from refinement chains (``chain_pairs``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
+from typing import Callable, Mapping
 
+from orchestrator.chat import Messages
+from orchestrator.refine import Chain
 from orchestrator.types import Generation, Judgment, Pair, group_by_prompt
 
 
@@ -59,3 +64,86 @@ def pair_metrics(pairs: list[Pair], dropped: dict[str, int], num_prompts: int) -
         metrics["pairs/chosen_chars_mean"] = statistics.fmean(len(p.chosen) for p in pairs)
         metrics["pairs/rejected_chars_mean"] = statistics.fmean(len(p.rejected) for p in pairs)
     return metrics
+
+
+# -- refinement chains (EVOLVE) ------------------------------------------------------------------
+SELECTIONS = ("judge", "rule")
+KINDS = ("direct", "refine")
+
+
+def select_from_chain(chain: Chain, selection: str, rule_min_gain: float | None) -> tuple[Pair | None, str | None]:
+    """The (chosen, rejected) answers of one chain as a direct pair on x, or (None, why it is dropped).
+
+    ``judge``: the best vs the worst answer of the chain by judge score, as ``best_vs_worst`` picks
+    them among a prompt's samples (unscored answers left out; a tie or fewer than two scored answers
+    give no pair). ``rule``: the final refinement y_K chosen, the direct answer y_0 rejected, kept
+    only when both are scored and score(y_K) - score(y_0) >= ``rule_min_gain`` (the consistency
+    check; None: no check, the rule alone). Either way a pair whose two answers are the same text
+    is dropped ("identical"): it carries no preference.
+    """
+    if selection == "judge":
+        gens = [Generation(prompt_id=chain.prompt_id, messages=chain.messages, index=k, text=t, num_tokens=0)
+                for k, t in enumerate(chain.texts)]
+        judgments = [Judgment(prompt_id=chain.prompt_id, index=k, score=s, samples=[s]) for k, s in enumerate(chain.scores)]
+        found, dropped = best_vs_worst(gens, judgments)
+        if not found:
+            return None, next(reason for reason, n in dropped.items() if n)
+        pair = found[0]
+    elif selection == "rule":
+        first, last = chain.scores[0], chain.scores[-1]
+        if chain.steps < 1:
+            return None, "too_few_steps"
+        if first is None or last is None:
+            return None, "unscored"
+        if rule_min_gain is not None and last - first < rule_min_gain:
+            return None, "inconsistent"
+        pair = Pair(
+            prompt_id=chain.prompt_id, messages=chain.messages, chosen=chain.texts[-1], rejected=chain.texts[0],
+            chosen_score=float(last), rejected_score=float(first), chosen_index=chain.steps, rejected_index=0,
+        )
+    else:
+        raise ValueError(f"selection {selection!r} is not one of {', '.join(SELECTIONS)}")
+    if pair.chosen == pair.rejected:
+        return None, "identical"
+    return pair, None
+
+
+def chain_pairs(
+    chains: list[Chain],
+    selection: str,
+    weights: Mapping[str, float],
+    refine_prompt: Callable[[Messages, str], Messages],
+    rule_min_gain: float | None = 0.0,
+) -> tuple[list[Pair], dict[str, int]]:
+    """EVOLVE's two kinds of pairs from refinement chains, with each kind's loss weight as the pair's ``weight``.
+
+    Per chain, ``select_from_chain`` picks (y_w, y_l); then
+    - ``direct``: (x; y_w, y_l), the answer to the question;
+    - ``refine``: (T_ref(x, y_l); y_w, y_l): given the worse answer, write the better one
+      (``refine_prompt(x, y_l)`` builds the prompt).
+    A kind whose weight is 0 is not built. ``meta`` marks each pair: ``kind``, ``steps`` [w, l]
+    (the chain steps of chosen and rejected), ``chain`` (its index within the prompt) and, for refine
+    pairs, ``context_step`` (the step whose answer the prompt holds). Returns the pairs (per chain:
+    its direct pair, then its refine pair) and how many chains were dropped for each reason.
+    """
+    unknown = set(weights) - set(KINDS)
+    if unknown:
+        raise ValueError(f"loss weights for unknown pair kinds {sorted(unknown)}; the kinds are {', '.join(KINDS)}")
+    dropped: dict[str, int] = {"tie": 0, "too_few_scored": 0, "identical": 0} if selection == "judge" else {
+        "unscored": 0, "inconsistent": 0, "identical": 0, "too_few_steps": 0}
+    pairs: list[Pair] = []
+    for chain in chains:
+        pair, why = select_from_chain(chain, selection, rule_min_gain)
+        if pair is None:
+            dropped[why] = dropped.get(why, 0) + 1
+            continue
+        steps = [pair.chosen_index, pair.rejected_index]
+        common = {"chain": chain.index, "steps": steps, "selection": selection}
+        if float(weights.get("direct", 0.0)) > 0:
+            pairs.append(dataclasses.replace(pair, weight=float(weights["direct"]), meta={"kind": "direct", **common}))
+        if float(weights.get("refine", 0.0)) > 0:
+            pairs.append(dataclasses.replace(
+                pair, messages=refine_prompt(chain.messages, pair.rejected), weight=float(weights["refine"]),
+                meta={"kind": "refine", "context_step": pair.rejected_index, **common},
+            ))
+    return pairs, dropped

@@ -6,12 +6,14 @@ that. Workers are called through ``call`` so the same code drives a Ray actor or
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from orchestrator import chat, judging
+from orchestrator import chat, judging, refine
+from orchestrator.chat import Messages
 from orchestrator.errors import JudgeError
 from orchestrator.pairs import best_vs_worst, pair_metrics
 from orchestrator.selfinstruct import PromptFilter, clean_candidate, few_shot_prompt, pick_demos
@@ -79,35 +81,89 @@ def self_instruct(
     return kept, metrics
 
 
+def round_prompts(
+    call: Call,
+    policy: Any,
+    pool: Sequence[Prompt],
+    used: Sequence[Prompt],
+    earlier: Sequence[Prompt],
+    cfg: dict[str, Any],
+    draw_rng: random.Random,
+    self_instruct_rng: random.Random,
+    round_index: int,
+) -> tuple[list[Prompt], dict[str, float]]:
+    """A round's prompts (Self-Rewarding's prompt stage, shared by recipes): ``data.prompts_per_round``
+    pool prompts not used in earlier rounds (``used``) plus ``data.self_instruct.num_prompts`` written
+    by the policy (``earlier``: the self-instructed prompts of earlier rounds). ``cfg``: the ``data`` section."""
+    seed_texts = [p.text for p in pool]
+    drawn, wrapped = draw_prompts(pool, {p.id for p in used}, int(cfg["prompts_per_round"]), draw_rng)
+    new, metrics = self_instruct(
+        call, policy, seed_texts, [p.text for p in earlier], seed_texts + [p.text for p in used],
+        cfg["self_instruct"], self_instruct_rng, round_index,
+    )
+    metrics.update({"prompts/seed": len(drawn), "prompts/self_instruct": len(new), "prompts/pool_wrapped": float(wrapped)})
+    return drawn + new, metrics
+
+
 def generate_responses(
     call: Call, policy: Any, prompts: Sequence[Prompt], cfg: dict[str, Any]
 ) -> tuple[list[Generation], dict[str, float]]:
-    """N samples per prompt from the policy."""
+    """N samples per prompt from the policy (``cfg``: the ``generation`` section; N = ``cfg["n"]``)."""
+    completions, wall = _sample(call, policy, [p.messages for p in prompts], int(cfg["n"]), cfg)
+    gens = [
+        Generation(prompt_id=p.id, messages=p.messages, index=i, text=text, num_tokens=ntok, finish_reason=fin)
+        for p, comp in zip(prompts, completions, strict=True)
+        for i, (text, ntok, fin) in enumerate(zip(comp.texts, comp.num_tokens, comp.finish_reasons))
+    ]
+    return gens, generation_metrics(gens, len(prompts), wall)
+
+
+def _sample(call: Call, policy: Any, prompts: list[Any], n: int, cfg: dict[str, Any]) -> tuple[list[Any], float]:
+    """``n`` samples for each chat prompt with the ``generation`` section's decoding; (completions, wall seconds)."""
     request = GenerationRequest(
-        prompts=[p.messages for p in prompts],
-        n=int(cfg["n"]),
+        prompts=prompts,
+        n=n,
         temperature=float(cfg["temperature"]),
         top_p=float(cfg["top_p"]),
         max_tokens=int(cfg["max_tokens"]),
     )
     t0 = time.perf_counter()
     completions = call(policy, "generate", request)
-    wall = time.perf_counter() - t0
-    gens = [
-        Generation(prompt_id=p.id, messages=p.messages, index=i, text=text, num_tokens=ntok, finish_reason=fin)
-        for p, comp in zip(prompts, completions, strict=True)
-        for i, (text, ntok, fin) in enumerate(zip(comp.texts, comp.num_tokens, comp.finish_reasons))
-    ]
+    return completions, time.perf_counter() - t0
+
+
+def generation_metrics(gens: Sequence[Generation], num_prompts: int, wall: float, prefix: str = "gen/") -> dict[str, float]:
     tokens = sum(g.num_tokens for g in gens)
-    metrics = {
-        "gen/prompts": float(len(prompts)),
-        "gen/responses": float(len(gens)),
-        "gen/tokens": float(tokens),
-        "gen/tokens_per_s": tokens / wall if wall > 0 else 0.0,
-        "gen/response_tokens_mean": tokens / len(gens) if gens else 0.0,
-        "gen/response_chars_mean": statistics.fmean(len(g.text) for g in gens) if gens else 0.0,
-        "gen/truncated_rate": sum(g.finish_reason == "length" for g in gens) / len(gens) if gens else 0.0,
+    return {
+        f"{prefix}prompts": float(num_prompts),
+        f"{prefix}responses": float(len(gens)),
+        f"{prefix}tokens": float(tokens),
+        f"{prefix}tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        f"{prefix}response_tokens_mean": tokens / len(gens) if gens else 0.0,
+        f"{prefix}response_chars_mean": statistics.fmean(len(g.text) for g in gens) if gens else 0.0,
+        f"{prefix}truncated_rate": sum(g.finish_reason == "length" for g in gens) / len(gens) if gens else 0.0,
     }
+
+
+def refine_responses(
+    call: Call, policy: Any, previous: Sequence[Generation], questions: Mapping[str, Messages],
+    template: str | None, fmt: str, cfg: dict[str, Any], prefix: str = "refine/",
+) -> tuple[list[Generation], dict[str, float]]:
+    """One refinement step of every chain: the policy answers ``T_ref(x, y_prev)`` for each earlier
+    answer ``y_prev`` in ``previous`` (x = ``questions[prompt_id]``), one sample each with the
+    ``generation`` section's decoding. Each new Generation keeps its chain's prompt_id and index and
+    carries the refinement prompt as its messages (what the policy answered)."""
+    prompts = [refine.refine_messages(questions[g.prompt_id], g.text, template, fmt) for g in previous]
+    completions, wall = _sample(call, policy, prompts, 1, cfg)
+    gens = [
+        Generation(prompt_id=g.prompt_id, messages=msgs, index=g.index, text=comp.texts[0], num_tokens=comp.num_tokens[0],
+                   finish_reason=comp.finish_reasons[0])
+        for g, msgs, comp in zip(previous, prompts, completions, strict=True)
+    ]
+    metrics = generation_metrics(gens, len(prompts), wall, prefix)
+    metrics[f"{prefix}unchanged_rate"] = (
+        sum(new.text == old.text for new, old in zip(gens, previous)) / len(gens) if gens else 0.0
+    )
     return gens, metrics
 
 
@@ -124,6 +180,18 @@ def judge_responses(
             f"e.g. {example[:160]!r}. Try judge.mode=score_only or a stronger judge.model"
         )
     return judgments, metrics
+
+
+def judge_answers(
+    call: Call, judge: Any, answers: Sequence[Generation], questions: Mapping[str, Messages], cfg: dict[str, Any],
+    prefix: str = "judge/",
+) -> tuple[list[Judgment], dict[str, float]]:
+    """``judge_responses`` on each answer as an answer to its question ``questions[prompt_id]``
+    (a refinement is judged against x, not against the refinement prompt it was written for);
+    the metrics are named ``<prefix>...`` instead of ``judge/...``."""
+    as_answers = [dataclasses.replace(g, messages=questions[g.prompt_id]) for g in answers]
+    judgments, metrics = judge_responses(call, judge, as_answers, cfg)
+    return judgments, {prefix + k.removeprefix("judge/"): v for k, v in metrics.items()}
 
 
 def make_pairs(generations: list[Generation], judgments: list[Judgment]) -> tuple[list[Pair], dict[str, float]]:

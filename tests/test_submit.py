@@ -456,7 +456,7 @@ def test_submit_tiny_experiment_one_round(ray_head, tmp_path, capsys):
     assert rnd.is_dir(), logs[-4000:]
     for stage in ("prompts", "generations", "judgments", "pairs"):
         assert (rnd / f"{stage}.jsonl").exists(), f"missing {stage}.jsonl\n{logs[-4000:]}"
-    assert (rnd / "checkpoint" / "config.json").exists()
+    assert (rnd / "checkpoints" / "policy" / "config.json").exists()
 
     from mlflow.tracking import MlflowClient
 

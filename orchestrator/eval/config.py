@@ -11,6 +11,7 @@ from orchestrator.config import check, number
 from orchestrator.eval.lc_winrate import PENALTIES, SE_METHODS
 from orchestrator.eval.pairwise import MODES
 from orchestrator.models import check_checkpoint_dir
+from orchestrator.refine import FORMATS, template_problem
 
 AGREEMENT_METHODS = ("pointwise", "pairwise")
 # eval.judge.model naming the run's starting model rather than a checkpoint path.
@@ -38,6 +39,18 @@ def validate(cfg: DictConfig) -> None:
     check(number(cfg, "eval.decoding.temperature") >= 0, "eval.decoding.temperature", ev.decoding.temperature, ">= 0")
     check(0 < number(cfg, "eval.decoding.top_p") <= 1, "eval.decoding.top_p", ev.decoding.top_p, "in (0, 1]")
     check(number(cfg, "eval.decoding.max_tokens") >= 1, "eval.decoding.max_tokens", ev.decoding.max_tokens, ">= 1")
+
+    steps = number(cfg, "eval.refine_steps")
+    check(steps >= 0 and steps.is_integer() and not isinstance(ev.refine_steps, bool), "eval.refine_steps", ev.refine_steps,
+          "0 (off) or a whole number of refinement steps")
+    check(ev.refine_format in FORMATS, "eval.refine_format", ev.refine_format, f"one of {', '.join(FORMATS)}")
+    problem = template_problem(ev.refine_template, str(ev.refine_format))
+    check(problem is None, "eval.refine_template", ev.refine_template, str(problem))
+    check(isinstance(ev.refine_if, bool), "eval.refine_if", ev.refine_if, "true or false")
+    if steps > 0:
+        check(2 * number(cfg, "eval.decoding.max_tokens") < number(cfg, "generation.engine.max_model_len"),
+              "eval.decoding.max_tokens", ev.decoding.max_tokens,
+              "with eval.refine_steps > 0 twice it must stay below generation.engine.max_model_len (an earlier answer, then the new one)")
 
     pw = ev.pairwise
     check(pw.mode in MODES, "eval.pairwise.mode", pw.mode, f"one of {', '.join(MODES)}")

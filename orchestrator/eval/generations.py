@@ -104,8 +104,8 @@ def wanted(prompts: Sequence[Prompt], items: Sequence[Mapping[str, Any]]) -> lis
 
 
 # -- the cache ----------------------------------------------------------------------------------
-def cached(rdir: RoundDir) -> dict[Key, Response]:
-    path = rdir.path / GENERATIONS_FILE
+def cached(rdir: RoundDir, file: str = GENERATIONS_FILE) -> dict[Key, Response]:
+    path = rdir.path / file
     return {r.key: r for r in read_jsonl(path, Response)} if path.exists() else {}
 
 
@@ -114,13 +114,14 @@ def has_responses(rdir: RoundDir) -> bool:
 
 
 def generate_cached(
-    policy: Any, rdir: RoundDir, want: Sequence[tuple[Key, Messages]], decoding: Mapping[str, Any]
+    policy: Any, rdir: RoundDir, want: Sequence[tuple[Key, Messages]], decoding: Mapping[str, Any],
+    file: str = GENERATIONS_FILE,
 ) -> tuple[dict[Key, Response], int]:
-    """One answer per wanted prompt; cached ones are reused.
+    """One answer per wanted prompt; cached ones (in the round's ``file``) are reused.
 
     Returns (all cached answers by key, how many were generated now).
     """
-    cache = cached(rdir)
+    cache = cached(rdir, file)
     # A cached answer counts only for the same prompt (a changed prompt file is answered anew).
     missing = [(key, msgs) for key, msgs in want if key not in cache or cache[key].messages != msgs]
     if missing:
@@ -137,5 +138,5 @@ def generate_cached(
             raise OrchestratorError(f"eval: the policy returned {len(completions)} completions for {len(missing)} prompts")
         for ((kind, pid), msgs), comp in zip(missing, completions):
             cache[(kind, pid)] = Response(kind, pid, msgs, comp.texts[0], int(comp.num_tokens[0]), str(comp.finish_reasons[0]))
-        write_jsonl(rdir.path / GENERATIONS_FILE, list(cache.values()))
+        write_jsonl(rdir.path / file, list(cache.values()))
     return cache, len(missing)

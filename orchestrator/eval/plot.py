@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from orchestrator.store import read_json
 
@@ -16,11 +16,13 @@ PANELS = (
         ("eval/vs_start/winrate", "win rate vs start", "o-"),
         ("eval/vs_start/lc_winrate", "LC win rate vs start", "s-"),
         ("eval/vs_prev/winrate", "win rate vs previous", "^--"),
+        ("eval/refined/vs_start/winrate", "refined (chain) vs start", "D-."),
     )),
     ("Instruction following (IFEval-style)", "accuracy", (0, 1), (
         ("eval/if/prompt_accuracy", "prompt-level (strict)", "o-"),
         ("eval/if/check_accuracy", "check-level (strict)", "s-"),
         ("eval/if_loose/prompt_accuracy", "prompt-level (loose)", "o--"),
+        ("eval/refined/if/prompt_accuracy", "prompt-level, refined (strict)", "D-."),
     )),
     ("Judge reliability", "fraction", (0, 1.05), (
         ("eval/judge_agreement", "policy judge agreement", "o-"),
@@ -85,6 +87,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
     for ax in axes:
         ax.set_xticks(rounds)
         ax.grid(alpha=0.3)
+    return save_png(fig, out)
+
+
+def save_png(fig: Any, out: Path) -> Path:
+    """Write ``fig`` to ``out`` atomically (a reader never sees half a PNG) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")

@@ -11,7 +11,10 @@ each held-out and IF prompt once (generations.py, cached). Then:
 - IF prompt- and check-level accuracy (ifeval.py, strict; loose too with ``eval.if_loose``);
 - judge reliability: the round's model as a judge (the Self-Rewarding judge of the next round)
   on the vs_start pairs, its agreement with the fixed judge and its parse rate; plus the round's
-  own judge-stage ``judge/parse_rate`` when there is one.
+  own judge-stage ``judge/parse_rate`` when there is one;
+- with ``eval.refine_steps`` = K > 0, chain-of-self-refinement answers (K refinements of each
+  direct answer) judged against the start's and this round's direct answers (refined.py,
+  ``eval/refined/*``); off by default.
 
 Win rates are percent (0-100); accuracies, agreement and rates are fractions (0-1). At round 0
 the vs_start win rates are 50 by construction (the model against itself).
@@ -33,6 +36,7 @@ from orchestrator.errors import OrchestratorError
 from orchestrator.eval import ifeval
 from orchestrator.eval.compare import Comparison, compare, policy_as_judge, winrate_metrics
 from orchestrator.eval.generations import HELD_OUT, IF, Key, Response, cached, generate_cached, has_responses, held_out_sets, wanted
+from orchestrator.eval.refined import refined_eval
 from orchestrator.section import Section
 from orchestrator.store import RunStore
 from orchestrator.types import Completion, Generation, GenerationRequest, Judgment, Prompt, Record
@@ -159,12 +163,22 @@ def eval_stage(
         pair_recs, pair_metrics = _win_rates(round_index, policy, fixed_judge, store, ev, judge_cfg, answers, [p.id for p in prompts])
         records += pair_recs
         metrics.update(pair_metrics)
+    t_judge = time.perf_counter() - t1
+    if int(ev["refine_steps"]) > 0:  # chain-of-self-refinement answers, judged as a second answer set
+        t2 = time.perf_counter()
+        refined_records, refined_metrics = refined_eval(
+            round_index=round_index, policy=policy, fixed_judge=fixed_judge, store=store, ev=ev, direct=answers,
+            prompts=prompts, items=items,
+        )
+        records += refined_records
+        metrics.update(refined_metrics)
+        metrics["time/eval_refine_s"] = time.perf_counter() - t2
     # The round's own judge stage (Self-Rewarding: "judgments"), when this round had one.
     rate = next((rdir.metrics(s)["judge/parse_rate"] for s in JUDGE_STAGES if "judge/parse_rate" in rdir.metrics(s)), None)
     if rate is not None:
         metrics["eval/judge_parse_rate"] = float(rate)
     metrics["time/eval_generate_s"] = t_gen
-    metrics["time/eval_judge_s"] = time.perf_counter() - t1
+    metrics["time/eval_judge_s"] = t_judge
     return records, metrics
 
 
@@ -212,9 +226,15 @@ def summary_line(round_index: int, metrics: Mapping[str, float]) -> str:
     def f(key: str, fmt: str = "{:.1f}") -> str:
         return fmt.format(metrics[key]) if key in metrics else "-"
 
-    return (
+    line = (
         f"round {round_index} eval: win rate vs start {f('eval/vs_start/winrate')} "
         f"(LC {f('eval/vs_start/lc_winrate')} ± {f('eval/vs_start/lc_winrate_se')}), "
         f"vs prev {f('eval/vs_prev/winrate')}, IF prompt acc {f('eval/if/prompt_accuracy', '{:.3f}')}, "
         f"judge agreement {f('eval/judge_agreement', '{:.3f}')}"
     )
+    if "eval/refined/steps" in metrics:
+        line += (
+            f"; refined ({int(metrics['eval/refined/steps'])} steps) vs start {f('eval/refined/vs_start/winrate')}, "
+            f"vs direct {f('eval/refined/vs_direct/winrate')}"
+        )
+    return line

@@ -17,13 +17,10 @@ the stages whose files exist.
 from __future__ import annotations
 
 from orchestrator import eval as evaluation
-from orchestrator import plugins, stages
-from orchestrator.config import to_plain
+from orchestrator import plugins, rounds
 from orchestrator.controller import Controller
-from orchestrator.data import load_prompts
-from orchestrator.roles import Role, call, core_roles
+from orchestrator.roles import Role, core_roles
 from orchestrator.training import train_dpo
-from orchestrator.types import Generation, Judgment, Pair, Prompt
 
 
 def roles(cfg) -> list[Role]:
@@ -31,35 +28,15 @@ def roles(cfg) -> list[Role]:
 
 
 def run(ctl: Controller) -> None:
-    cfg = ctl.cfg
-    pool = load_prompts(cfg.data.prompts)
-    seed_texts = [p.text for p in pool]
-    evaluation.preflight(cfg, pool)  # refuse held-out eval prompts among the training prompts
+    pool = rounds.prompt_pool(ctl)  # refuses held-out eval prompts among the training prompts
 
     for t in ctl.pending_rounds():
         with ctl.round(t) as rnd:
             policy = ctl.policy(t)  # M_t
-
-            def make_prompts() -> tuple[list[Prompt], dict[str, float]]:
-                used, earlier = ctl.used_prompts(before=t)
-                drawn, wrapped = stages.draw_prompts(pool, {p.id for p in used}, int(cfg.data.prompts_per_round), ctl.rng(t, "draw"))
-                new, metrics = stages.self_instruct(
-                    call, policy, seed_texts, [p.text for p in earlier], seed_texts + [p.text for p in used],
-                    to_plain(cfg.data.self_instruct), ctl.rng(t, "self_instruct"), t,
-                )
-                metrics.update({"prompts/seed": len(drawn), "prompts/self_instruct": len(new), "prompts/pool_wrapped": float(wrapped)})
-                return drawn + new, metrics
-
-            prompts = rnd.stage("prompts", Prompt, make_prompts)
-            generations = rnd.stage(
-                "generations", Generation, lambda: stages.generate_responses(call, policy, prompts, to_plain(cfg.generation))
-            )
-            judgments = rnd.stage(
-                "judgments", Judgment, lambda: stages.judge_responses(call, ctl.judge(t), generations, to_plain(cfg.judge))
-            )
-            pairs = rnd.stage("pairs", Pair, lambda: stages.make_pairs(generations, judgments))
-            pairs = plugins.filter_pairs(rnd, pairs)  # -> train_pairs
+            prompts = rounds.prompts(rnd, policy, pool)  # unused seed prompts + Self-Instruct by M_t
+            generations = rounds.responses(rnd, policy, prompts)  # N samples per prompt
+            judgments = rounds.judgments(rnd, generations)  # M_t judges each sample
+            pairs = rounds.pairs(rnd, generations, judgments)  # (highest, lowest); pair filters
             train_dpo(rnd, pairs)  # M_{t+1}: the round's "policy" checkpoint
             plugins.apply_transforms(rnd)
-            ctl.log_round_artifacts(rnd, ["pairs", "train_pairs"], generations[: int(cfg.tracking.sample_generations)])
-            evaluation.evaluate(rnd)
+            rounds.finish(rnd, generations)  # artifacts; evaluate M_{t+1} on held-out prompts
