@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 
 def use_cores(threads: int | None) -> int:
@@ -21,3 +22,20 @@ def use_cores(threads: int | None) -> int:
 
     torch.set_num_threads(n)
     return n
+
+
+class CoreWorker:
+    """A worker that sets its cores first (``use_cores``); ``threads`` is what it got."""
+
+    def __init__(self, threads: int | None = None):
+        self.threads = use_cores(threads)
+
+
+def run_args(seed: int, use_cuda: bool) -> dict[str, Any]:
+    """TrainingArguments every training worker sets alike: seeded; a log entry per step (the
+    metrics are read from log_history); the worker saves the result itself, so the Trainer saves
+    and evaluates nothing; no reporting to outside services."""
+    return dict(
+        seed=seed, data_seed=seed, logging_strategy="steps", logging_steps=1, save_strategy="no", eval_strategy="no",
+        report_to="none", dataloader_pin_memory=use_cuda, use_cpu=not use_cuda,
+    )

@@ -40,7 +40,7 @@ from typing import Any
 from orchestrator.chat import encode_pair
 from orchestrator.section import Section
 from orchestrator.types import Pair, TrainResult
-from workers.cores import use_cores
+from workers.cores import CoreWorker, run_args, use_cores
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +285,13 @@ def _dataset(pairs: list[dict[str, Any]], weighted: bool) -> Any:
     return Dataset.from_list(rows)
 
 
+def save_checkpoint(model: Any, base_checkpoint: str, output_dir: str) -> None:
+    """``model`` with the base's tokenizer files (byte-identical) as a complete checkpoint in ``output_dir``."""
+    os.makedirs(output_dir, exist_ok=True)
+    model.save_pretrained(output_dir)
+    _save_tokenizer(base_checkpoint, output_dir)
+
+
 def _summarize(log_history: list[dict[str, Any]]) -> dict[str, float]:
     """Average TRL's per-step logs (the entries with a ``loss``) under our names, plus the last values."""
     steps = [e for e in log_history if "loss" in e and "train_loss" not in e]
@@ -300,10 +307,7 @@ def _summarize(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-class TrainerWorker:
-    def __init__(self, threads: int | None = None):
-        self.threads = use_cores(threads)
-
+class TrainerWorker(CoreWorker):
     def train(
         self,
         pairs: list[dict[str, Any]],
@@ -384,15 +388,7 @@ class TrainerWorker:
                 disable_dropout=dropout == 0.0,
                 bf16=bool(cfg["bf16"]),
                 gradient_checkpointing=bool(cfg["gradient_checkpointing"]),
-                seed=seed,
-                data_seed=seed,
-                logging_strategy="steps",
-                logging_steps=1,
-                save_strategy="no",
-                eval_strategy="no",
-                report_to="none",
-                dataloader_pin_memory=use_cuda,
-                use_cpu=not use_cuda,
+                **run_args(seed, use_cuda),
             )
             plain_cls, weighted_cls, collator_cls = _make_trainer_classes()
             trainer_cls, collator = plain_cls, None
@@ -436,9 +432,7 @@ class TrainerWorker:
         if save_dtype == "auto":
             save_dtype = str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
         model = model.to(getattr(torch, save_dtype))
-        os.makedirs(output_dir, exist_ok=True)
-        model.save_pretrained(output_dir)
-        _save_tokenizer(base_checkpoint, output_dir)
+        save_checkpoint(model, base_checkpoint, output_dir)
         save_s = time.perf_counter() - t_save
         del model
         gc.collect()
