@@ -56,6 +56,15 @@ def orchestrate(args: list[str], **kwargs) -> subprocess.Popen:
     )
 
 
+def run_tiny(tmp_path_factory, name: str, model_path: str, extra: list[str]) -> tuple[Path, str]:
+    """A real CLI run on the tiny model to its end, in a fresh run dir: (run dir, its output)."""
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    proc = orchestrate(tiny_overrides(model_path, run_dir) + list(extra))
+    out, _ = proc.communicate(timeout=1500)
+    assert proc.returncode == 0, out[-5000:]
+    return run_dir, out
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)

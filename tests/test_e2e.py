@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import orchestrate, tiny_overrides
+from conftest import run_tiny
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -17,11 +17,7 @@ STAGES = ["prompts", "generations", "judgments", "pairs", "train_pairs"]
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_checkpoint):
-    run_dir = tmp_path_factory.mktemp("e2e") / "run"
-    proc = orchestrate(tiny_overrides(tiny_checkpoint, run_dir) + EXTRA)
-    out, _ = proc.communicate(timeout=1500)
-    assert proc.returncode == 0, out[-5000:]
-    return run_dir, out
+    return run_tiny(tmp_path_factory, "e2e", tiny_checkpoint, EXTRA)
 
 
 # A small eval: 6 held-out prompts, 12 IF prompts, short greedy answers, a quick bootstrap.

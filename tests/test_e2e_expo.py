@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import orchestrate, tiny_overrides
+from conftest import run_tiny
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -22,11 +22,7 @@ EXTRA = ["+experiment=expo", "eval.max_prompts=4", "eval.if_max_prompts=4", "eva
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_checkpoint):
-    run_dir = tmp_path_factory.mktemp("e2e_expo") / "run"
-    proc = orchestrate(tiny_overrides(tiny_checkpoint, run_dir) + EXTRA)
-    out, _ = proc.communicate(timeout=1500)
-    assert proc.returncode == 0, out[-5000:]
-    return run_dir, out
+    return run_tiny(tmp_path_factory, "e2e_expo", tiny_checkpoint, EXTRA)
 
 
 def test_each_round_builds_and_promotes_an_expo_checkpoint(finished_run, tiny_checkpoint):

@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import orchestrate, tiny_overrides
+from conftest import run_tiny
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -29,11 +29,7 @@ def read(path):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_checkpoint):
-    run_dir = tmp_path_factory.mktemp("evolve") / "run"
-    proc = orchestrate(tiny_overrides(tiny_checkpoint, run_dir) + EXTRA)
-    out, _ = proc.communicate(timeout=1500)
-    assert proc.returncode == 0, out[-5000:]
-    return run_dir, out
+    return run_tiny(tmp_path_factory, "evolve", tiny_checkpoint, EXTRA)
 
 
 def test_refinement_chains_pairs_of_both_kinds_and_training(finished_run, tiny_checkpoint):
