@@ -22,14 +22,15 @@ with a ``roles(cls, cfg, name)`` classmethod; their execution keys are then resu
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from omegaconf import DictConfig
 
 from orchestrator.config import to_plain
 from orchestrator.errors import ConfigError, OrchestratorError
-from orchestrator.store import write_json
+from orchestrator.store import write_json, write_jsonl
 from orchestrator.types import Pair
 
 if TYPE_CHECKING:
@@ -59,6 +60,63 @@ class StageContext:
     @property
     def cfg(self) -> DictConfig:
         return self.round.ctl.cfg
+
+    def file(self, suffix: str) -> Path:
+        """A file of this plug-in in the round's directory: ``<name>_<suffix>``."""
+        return self.round.dir.path / f"{self.name}_{suffix}"
+
+    def record_decisions(self, decisions: list["Decision"]) -> Path:
+        """Every pair's fate (kept or dropped, why, its scores) as ``<name>_decisions.jsonl``, logged to MLflow.
+
+        Written before the filter's stage file, so a finished stage always has its decisions beside it.
+        """
+        path = write_jsonl_file(self.file("decisions.jsonl"), [d.to_dict() for d in decisions])
+        self.ctl.tracker.log_round_artifact(self.round.index, path, "filters")
+        return path
+
+    def histogram(self, series: dict[str, list[float]], xlabel: str, title: str, suffix: str = "scores.png") -> Path:
+        """A PNG histogram of one or more score series (overlaid), logged to the round's MLflow run."""
+        from orchestrator.eval.plot import save_png
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for label, values in series.items():
+            if values:
+                ax.hist(values, bins=20, alpha=0.6, label=f"{label} (n={len(values)})")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("pairs")
+        ax.set_title(f"round {self.round.index}: {title}")
+        if any(series.values()):
+            ax.legend(fontsize=8)
+        path = save_png(fig, self.file(suffix))
+        self.ctl.tracker.log_round_artifact(self.round.index, path, "filters")
+        return path
+
+
+@dataclass
+class Decision:
+    """One pair's fate in a filter: its place in the round, kept or not, the reason, the filter's scores."""
+
+    prompt_id: str
+    chosen_index: int
+    rejected_index: int
+    kept: bool
+    reason: str  # "kept", or why it was dropped ("estimator_disagrees", "not_sampled", ...)
+    scores: dict[str, float]
+    flipped: bool | None = None  # planted-noise runs only: the pair's label was swapped on purpose
+
+    @classmethod
+    def of(cls, pair: Pair, kept: bool, reason: str, **scores: float) -> "Decision":
+        flipped = pair.meta.get("planted_flip")
+        return cls(pair.prompt_id, pair.chosen_index, pair.rejected_index, kept, reason,
+                   {k: float(v) for k, v in scores.items()}, None if flipped is None else bool(flipped))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class PairFilter(Protocol):
@@ -102,6 +160,11 @@ def build(kind: str, name: str, spec: dict[str, Any]) -> Any:
     except Exception as exc:
         cause = exc.__cause__ or exc
         raise ConfigError(f"{kind}.{name}: {cause}") from None
+
+
+def write_jsonl_file(path: Path, rows: list[dict[str, Any]]) -> Path:
+    write_jsonl(path, rows)
+    return path
 
 
 def roles(cfg: Any) -> list["Role"]:

@@ -13,6 +13,8 @@ judge in ``orchestrator.eval``, a plug-in's in its class; ``Controller`` collect
   ``path``; started on first use, given new weights after (``sync_weights``, checksum checked);
 - ``run(role, cls, method, ...)``: a task role (the trainer): a fresh actor for one call, ended
   after it, so its memory is back before the next stage;
+- ``hold(role, cls, ...)``: a task actor kept for several calls (CRM's two peers step in lockstep),
+  ended when the ``with`` block ends;
 - ``release_for(role)``: engines that share an accelerator with that task make room first;
 - ``stop(role)`` / ``stop_all()``: the one teardown path.
 
@@ -23,8 +25,9 @@ same code with in-process workers (``attach``).
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import ray
 
@@ -46,6 +49,14 @@ ENGINE_EXECUTION_KEYS = (
     "enforce_eager",
 )  # fmt: skip
 
+# Endpoint client settings that change how requests are made, never what is asked (workers/endpoint.py).
+ENDPOINT_EXECUTION_KEYS = ("timeout_s", "max_retries", "backoff_s", "max_backoff_s", "concurrency")
+
+
+def endpoint_resumable(section: str) -> tuple[str, ...]:
+    """The keys of an endpoint role under ``section`` that a resume may change."""
+    return (f"{section}.resources", *(f"{section}.endpoint.{k}" for k in ENDPOINT_EXECUTION_KEYS))
+
 
 def call(worker: Any, method: str, *args: Any, **kwargs: Any) -> Any:
     """Call a worker method whether the worker is a Ray actor handle or a local object."""
@@ -53,6 +64,16 @@ def call(worker: Any, method: str, *args: Any, **kwargs: Any) -> Any:
     if hasattr(fn, "remote"):
         return ray.get(fn.remote(*args, **kwargs))
     return fn(*args, **kwargs)
+
+
+def call_each(calls: Iterable[tuple[Any, str, tuple[Any, ...]]]) -> list[Any]:
+    """``call`` for several workers at once: Ray actors all start before any result is awaited, so they
+    run in parallel; local objects run one after another. Results in the order given."""
+    pending = []
+    for worker, method, args in calls:
+        fn = getattr(worker, method)
+        pending.append((True, fn.remote(*args)) if hasattr(fn, "remote") else (False, fn(*args)))
+    return [ray.get(value) if remote else value for remote, value in pending]
 
 
 @dataclass(frozen=True)
@@ -108,7 +129,7 @@ def core_roles(cfg: Any) -> list[Role]:
     judge = cfg.judge
     if judge.endpoint.base_url:
         roles.append(Role("judge", "endpoint", "judge", to_plain(judge.resources), endpoint=to_plain(judge.endpoint),
-                          resumable=("judge.resources",)))
+                          resumable=endpoint_resumable("judge")))
     elif str(judge.model) != "policy":
         roles.append(vllm_role("judge", "judge", cfg, engine={**engine, **to_plain(judge.engine)},
                                resources=judge.resources, bundle="judge"))
@@ -132,6 +153,8 @@ class Workers:
         self.start_timeout_s = float(start_timeout_s or 0)
         self.live: dict[str, Any] = {}
         self.placement: WorkerPlacement | None = None
+        # Tests set this: task roles then run as plain objects in this process (no Ray), like ``attach``.
+        self.in_process = False
 
     def role(self, name: str) -> Role:
         try:
@@ -176,7 +199,7 @@ class Workers:
             if worker is None:
                 from workers.endpoint import EndpointWorker
 
-                worker = self.live[name] = EndpointWorker(dict(role.endpoint))
+                worker = self.live[name] = EndpointWorker(dict(role.endpoint), f"{role.section}.endpoint")
             return worker
         if role.kind != "vllm":
             raise OrchestratorError(f"role {name!r} is a {role.kind} role; it has no engine to serve a model")
@@ -219,12 +242,21 @@ class Workers:
     # -- tasks -------------------------------------------------------------------------
     def run(self, name: str, cls: type, method: str, *args: Any) -> Any:
         """``cls(...).method(*args)`` in a fresh actor of task role ``name``, ended after the call."""
+        with self.hold(name, cls) as worker:
+            return call(worker, method, *args)
+
+    @contextmanager
+    def hold(self, name: str, cls: type, *init_args: Any) -> Iterator[Any]:
+        """A fresh ``cls(*init_args)`` of task role ``name`` for the ``with`` block (``call`` its methods)."""
         role = self.role(name)
         if role.kind != "task":
             raise OrchestratorError(f"role {name!r} is a {role.kind} role, not a task")
-        actor = self._actor(role, cls)
+        if self.in_process:
+            yield cls(*init_args)
+            return
+        actor = self._actor(role, cls, *init_args)
         try:
-            return call(actor, method, *args)
+            yield actor
         finally:
             ray.kill(actor)
 

@@ -150,6 +150,43 @@ def test_weighted_zero_weight_and_half_epsilon_do_not_move(base, worker, tmp_pat
     assert max_abs_diff(weights(out), weights(base)) < 1e-7
 
 
+def chosen_token_nll(base: str, pairs: list[dict]) -> float:
+    """Mean over pairs of the chosen reply's mean token NLL under ``base``, computed here directly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    out = []
+    for p in pairs:
+        prompt_ids, reply_ids = chat.encode_pair(tok, p["messages"], p["chosen"])
+        ids = torch.tensor([prompt_ids + reply_ids])
+        with torch.no_grad():
+            logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        targets = ids[0, 1:]
+        token_logp = logp.gather(1, targets[:, None])[:, 0][-len(reply_ids):]
+        out.append(-token_logp.mean().item())
+    return sum(out) / len(out)
+
+
+def test_upo_loss_adds_length_normalised_nll(base, worker, tmp_path):
+    """train.loss=upo: eps=0.5 pairs give log 2 at the first step (policy == reference), plus
+    nll_weight x the chosen reply's mean token NLL, which matches a direct computation."""
+    pairs = make_pairs(4, epsilon=0.5)
+    cfg = make_cfg(dropout=0.0, batch_size=4, micro_batch_size=4, loss="upo", upo={"nll_weight": 0.5})
+    result = worker.train(pairs, base, str(tmp_path / "out"), cfg, seed=0)
+    m = result["metrics"]
+    assert result["steps"] == 1 and m["train/weighted"] == 1.0
+    expected_nll = chosen_token_nll(base, pairs)
+    assert expected_nll > 1.0  # a random model: far from 0, so the term is visible in the loss
+    assert m["train/nll_chosen"] == pytest.approx(expected_nll, rel=1e-4)
+    assert m["train/loss"] == pytest.approx(math.log(2) + 0.5 * expected_nll, rel=1e-4)
+
+    # The plain DPO loss has no NLL term and does not log one.
+    plain = worker.train(pairs, base, str(tmp_path / "plain"), make_cfg(dropout=0.0, batch_size=4, micro_batch_size=4), seed=0)
+    assert "train/nll_chosen" not in plain["metrics"]
+    assert plain["metrics"]["train/loss"] == pytest.approx(math.log(2), rel=1e-4)
+
+
 def test_errors(base, worker, tmp_path):
     out = str(tmp_path / "out")
     with pytest.raises(ValueError, match="no pairs to train on"):

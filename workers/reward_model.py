@@ -443,6 +443,8 @@ class RewardModelWorker(CoreWorker):
         pairs = _pairs(examples)
         if not pairs:
             return []
+        if cfg["threads"]:
+            self.threads = use_cores(cfg["threads"])
         model, tokenizer = _load(checkpoint, mode)
         enc = _Encoder(tokenizer, cfg["max_length"])
         scores = _score(model, enc, pairs, mode, int(cfg["eval_batch_size"]))
@@ -486,6 +488,8 @@ class RewardModelWorker(CoreWorker):
         pairs = _pairs(examples)
         if not pairs:
             return []
+        if cfg["threads"]:
+            self.threads = use_cores(cfg["threads"])
         model, tokenizer = _load(checkpoint, mode, dropout=dropout)
         model.train()  # dropout on; nothing else in these models changes between train and eval
         enc = _Encoder(tokenizer, cfg["max_length"])

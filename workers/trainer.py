@@ -72,10 +72,14 @@ METRIC_NAMES = {
     "logps/chosen": "train/logps_chosen",
     "logps/rejected": "train/logps_rejected",
     "grad_norm": "train/grad_norm",
+    "pair_epsilon": "train/pair_epsilon",
+    "nll_chosen": "train/nll_chosen",
 }
 
 METHODS = ("full", "lora")
-LOSSES = {"dpo": "sigmoid"}
+# Our loss names -> TRL's loss type. ``upo`` is sigmoid DPO with UPO's per-pair epsilon and a
+# length-normalised NLL term on the chosen reply (algorithms.md 5.3), in the weighted trainer.
+LOSSES = {"dpo": "sigmoid", "upo": "sigmoid"}
 SAVE_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 # Batch keys the weighted collator adds; never passed to the model.
@@ -180,8 +184,9 @@ def _make_trainer_classes():
         reference log-probs (the worker always precomputes them) and the plain sigmoid setup.
         """
 
-        def __init__(self, *args: Any, **kwargs: Any):
+        def __init__(self, *args: Any, nll_weight: float = 0.0, **kwargs: Any):
             super().__init__(*args, **kwargs)
+            self.nll_weight = float(nll_weight)
             if not self.precompute_ref_logps:
                 raise ValueError("WeightedDPOTrainer needs precompute_ref_log_probs=True")
             if (
@@ -221,6 +226,12 @@ def _make_trainer_classes():
             rejected_logratios = rejected_logps - inputs["ref_rejected_logps"]
             logits = self.beta * (chosen_logratios - rejected_logratios)
             per_pair = -(1.0 - epsilon) * F.logsigmoid(logits) - epsilon * F.logsigmoid(-logits)
+            if self.nll_weight:
+                # UPO / IRPO: + lambda * NLL(y_w) / |y_w|, the chosen reply's mean token NLL.
+                tokens = completion_mask[:, 1:].sum(dim=1).clamp(min=1).float()
+                chosen_nll = -chosen_logps / tokens.chunk(2, dim=0)[0]
+                per_pair = per_pair + self.nll_weight * chosen_nll
+                self._metrics[mode]["nll_chosen"].append(self.accelerator.gather(chosen_nll.detach()).mean().item())
             loss = (weight * per_pair).mean()
 
             # Same metric names as TRL's own loss, so the worker reads both paths alike.
@@ -335,7 +346,9 @@ class TrainerWorker(CoreWorker):
         batch_size, micro = _batch_sizes(cfg)
         epochs = int(cfg["epochs"])
         dropout = float(cfg["dropout"])
-        weighted = _needs_weighted(pairs)
+        loss = cfg["loss"]
+        weighted = loss == "upo" or _needs_weighted(pairs)
+        nll_weight = float(cfg.sub("upo")["nll_weight"]) if loss == "upo" else 0.0
 
         transformers.set_seed(seed)
         tokenizer = AutoTokenizer.from_pretrained(base_checkpoint)
@@ -372,7 +385,7 @@ class TrainerWorker(CoreWorker):
         with tempfile.TemporaryDirectory(prefix="dpo-scratch-") as scratch:
             args = DPOConfig(
                 output_dir=scratch,
-                loss_type=[LOSSES[cfg["loss"]]],
+                loss_type=[LOSSES[loss]],
                 beta=float(cfg["beta"]),
                 learning_rate=float(cfg["learning_rate"]),
                 lr_scheduler_type=scheduler,
@@ -391,9 +404,9 @@ class TrainerWorker(CoreWorker):
                 **run_args(seed, use_cuda),
             )
             plain_cls, weighted_cls, collator_cls = _make_trainer_classes()
-            trainer_cls, collator = plain_cls, None
+            trainer_cls, collator, extra = plain_cls, None, {}
             if weighted:
-                trainer_cls = weighted_cls
+                trainer_cls, extra = weighted_cls, {"nll_weight": nll_weight}
                 pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
                 collator = collator_cls(pad_token_id=pad_id, max_length=args.max_length)
             t_train = time.perf_counter()
@@ -404,6 +417,7 @@ class TrainerWorker(CoreWorker):
                 train_dataset=_dataset(pairs, weighted),
                 processing_class=tokenizer,
                 peft_config=peft_config,
+                **extra,
             )
             trainer.train()
             train_s = time.perf_counter() - t_train
@@ -453,6 +467,8 @@ class TrainerWorker(CoreWorker):
         if weighted:
             metrics["train/pair_weight_mean"] = sum(float(p.get("weight", 1.0)) for p in pairs) / len(pairs)
             metrics["train/pair_epsilon_mean"] = sum(float(p.get("epsilon", 0.0)) for p in pairs) / len(pairs)
+        if loss == "upo":
+            metrics["train/upo_nll_weight"] = nll_weight
         wall_s = time.perf_counter() - t_start
         log.info(
             "DPO (%s) on %d pairs: %d steps in %.1fs (%.2f pairs/s), loss %.4f -> %s",
