@@ -6,13 +6,26 @@ The sampler (workers/vllm_worker.py) and the trainer (workers/trainer.py) both t
 ``encode`` / ``encode_pair`` here, so the prompt ids the trainer trains on are exactly the ids the
 policy sampled from.
 
-Special tokens are handled as the tokenizer does by default: a special-token string written
-inside a message's content (``<|im_end|>``) becomes that control token. Every template and
-prompt tokenization is in this module, so changing that later is a change here alone.
+Text is never control. A special-token string written inside a message's content (``<|im_end|>``
+in a model's answer, a user's prompt, a self-instructed task) is tokenized as the plain text it
+is, never as the control token: otherwise a response could close its turn and forge another (a
+judge's ``Score: 5`` turn, say). Only the chat template's own control tokens are control ids.
+How (``_render``): the contents' special-token strings are swapped for private-use placeholders,
+the template renders that text (so a template that trims or branches on contents still does),
+the render is split at the template's control tokens, and each text run between them is tokenized
+with the placeholders back in place and ``split_special_tokens=True``. The split is where the
+tokenizer itself would split, so a prompt with no special-token text gets exactly the ids of the
+tokenizer's own ``apply_chat_template`` (tests/test_chat.py checks the tiny and SmolLM2 tokenizers).
+The sampler gives vLLM these ids (``prompt_token_ids``; vLLM never tokenizes our text) and the
+trainer trains on ``encode_pair``'s, so both see the same ids for the same text. (Not an escape
+such as a zero-width space: that changes the text the model reads and trains on. Not
+``split_special_tokens`` on the whole render: that splits the template's own tokens too.)
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Mapping
 from typing import Any, Literal, TypedDict
 
@@ -72,20 +85,81 @@ def transcript(messages: Messages) -> str:
     return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
-def _ids(encoded: Any) -> list[int]:
-    # apply_chat_template returns a list, or (transformers 5, vLLM's wrappers) a dict / BatchEncoding.
-    if isinstance(encoded, Mapping) or hasattr(encoded, "input_ids"):
-        encoded = encoded["input_ids"]
-    return list(encoded)
+# Placeholders for special-token text inside contents while the template renders: private-use
+# characters, which no template writes (``_render`` checks) and which carry no meaning to it.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_PLACEHOLDER = re.compile(f"{_OPEN}([0-9]+){_CLOSE}")
+
+
+def control_tokens(tokenizer: Any) -> dict[str, int]:
+    """The tokenizer's control tokens, text -> id: its special tokens (added tokens marked special).
+
+    Added tokens not marked special (Qwen's ``<think>``, say) are ordinary vocabulary the model
+    writes itself; the tokenizer matches them in any text and so do we.
+    """
+    found = {str(t): i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", True)}
+    for text in getattr(tokenizer, "all_special_tokens", []):
+        found.setdefault(text, tokenizer.convert_tokens_to_ids(text))
+    return found
+
+
+@functools.lru_cache(maxsize=32)
+def _regexes(tokens: tuple[tuple[str, bool, bool], ...]) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """(control, hidden): matches the control tokens; and those or a placeholder character (what
+    ``_render`` hides in contents, so a content cannot fake a placeholder either)."""
+    # Longest first, as the tokenizer matches; an lstrip / rstrip token takes the whitespace next
+    # to it, as the tokenizer's own split does.
+    parts = [
+        (r"\s*" if lstrip else "") + re.escape(text) + (r"\s*" if rstrip else "")
+        for text, lstrip, rstrip in sorted(tokens, key=lambda t: -len(t[0]))
+    ]
+    return re.compile("|".join(parts) or "(?!)"), re.compile("|".join([*parts, f"[{_OPEN}{_CLOSE}]"]))
+
+
+def _control_regexes(tokenizer: Any, control: dict[str, int]) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    added = {str(t): t for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
+    return _regexes(tuple(
+        (text, bool(getattr(added.get(text), "lstrip", False)), bool(getattr(added.get(text), "rstrip", False)))
+        for text in control
+    ))
+
+
+def _plain(tokenizer: Any, text: str, *, bos: bool = False) -> list[int]:
+    """``text`` as plain-text ids: a special-token string in it is its characters, not the token."""
+    if not text and not bos:
+        return []
+    return list(tokenizer.encode(text, add_special_tokens=bos, split_special_tokens=True))
 
 
 def _render(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> list[int]:
-    # Tokenised in one go (not text, then encode) so a template that writes BOS does not get a second one.
-    return _ids(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt))
+    control = control_tokens(tokenizer)
+    split, hiding = _control_regexes(tokenizer, control)
+    hidden_text: list[str] = []
+
+    def hide(match: re.Match[str]) -> str:
+        hidden_text.append(match.group(0))
+        return f"{_OPEN}{len(hidden_text) - 1}{_CLOSE}"
+
+    def unhide(text: str) -> str:
+        return _PLACEHOLDER.sub(lambda m: hidden_text[int(m.group(1))], text)
+
+    hidden = [{"role": m["role"], "content": hiding.sub(hide, m["content"])} for m in messages]
+    text = tokenizer.apply_chat_template(hidden, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if len(_PLACEHOLDER.findall(text)) != text.count(_OPEN) or text.count(_OPEN) != text.count(_CLOSE):
+        raise ValueError("the chat template writes the private-use characters U+E000 / U+E001 that orchestrator.chat reserves")
+    # Without the tokenizer's BOS, as apply_chat_template tokenizes: a template that wants a BOS
+    # writes it, and it is split out below as a control token.
+    ids: list[int] = []
+    pos = 0
+    for match in split.finditer(text):
+        ids += _plain(tokenizer, unhide(text[pos: match.start()]))
+        ids.append(control[match.group(0).strip()])
+        pos = match.end()
+    return ids + _plain(tokenizer, unhide(text[pos:]))
 
 
 def _prefixed(tokenizer: Any, ids: list[int], assistant_prefix: str) -> list[int]:
-    return ids + tokenizer.encode(assistant_prefix, add_special_tokens=False) if assistant_prefix else ids
+    return ids + _plain(tokenizer, assistant_prefix)
 
 
 def encode(tokenizer: Any, messages: Messages, *, add_generation_prompt: bool = True, assistant_prefix: str = "") -> list[int]:
@@ -99,7 +173,7 @@ def encode(tokenizer: Any, messages: Messages, *, add_generation_prompt: bool = 
 
 def encode_text(tokenizer: Any, text: str, *, assistant_prefix: str = "") -> list[int]:
     """Token ids of a raw (non-chat) prompt: the text with the tokenizer's own BOS, no template."""
-    return _prefixed(tokenizer, tokenizer.encode(text, add_special_tokens=True), assistant_prefix)
+    return _prefixed(tokenizer, _plain(tokenizer, text, bos=True), assistant_prefix)
 
 
 def encode_pair(tokenizer: Any, messages: Messages, completion: str) -> tuple[list[int], list[int]]:

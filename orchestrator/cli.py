@@ -1,6 +1,8 @@
 """``orchestrate``: run an experiment (``orchestrate +experiment=self_reward rounds=10``).
 
-Errors a user can fix print as one ``error:`` line and exit with status 2.
+Errors a user can fix print as one ``error:`` line and exit with status 2; anything else prints
+its traceback and exits with status 1. Both, and every log line, have the config's secrets masked
+(orchestrator/redact.py).
 """
 
 from __future__ import annotations
@@ -8,14 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 from types import ModuleType
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from orchestrator.config import CONF_DIR, validate
 from orchestrator.errors import OrchestratorError
+from orchestrator.redact import guard, redact_text
 from orchestrator.roles import Role
 
 log = logging.getLogger("orchestrator")
@@ -44,17 +48,38 @@ def run(cfg: DictConfig) -> None:
     with ctl.session():
         print(f"run dir: {ctl.store.root}  (continue a stopped run with: run_dir={ctl.store.root} resume=true)", flush=True)
         recipe.run(ctl)
-    print(f"done: {int(cfg.rounds)} rounds in {ctl.store.root}; MLflow: {ctl.tracker.uri}", flush=True)
+    print(f"done: {int(cfg.rounds)} rounds in {ctl.store.root}; MLflow: {ctl.tracker.display_uri}", flush=True)
+
+
+def guard_config(cfg: DictConfig) -> None:
+    """Remember the config's secrets and redact every log handler, stdout and stderr, before
+    anything is logged or printed."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # a missing value: validate() reports it; its other values still count
+        plain = OmegaConf.to_container(cfg, resolve=False)
+    guard(plain, streams=True)
+
+
+def report_failures(fn, cfg: DictConfig) -> None:
+    """``fn(cfg)`` with its failures printed redacted: a fixable one as one ``error:`` line (exit
+    2), anything else as a traceback (exit 1; Hydra would print it with a library's message as it
+    is, and MLflow's name the tracking URI, credentials included)."""
+    guard_config(cfg)
+    try:
+        fn(cfg)
+    except OrchestratorError as exc:
+        log.debug("failure", exc_info=True)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Exception:
+        print(redact_text(traceback.format_exc()), file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except OrchestratorError as exc:
-        log.debug("failure", exc_info=True)
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    report_failures(run, cfg)
 
 
 def main() -> None:

@@ -60,6 +60,18 @@ def number(cfg: DictConfig, key: str) -> float:
         raise ConfigError(f"{key}={value!r} is invalid: expected a number") from None
 
 
+def check_endpoint(cfg: DictConfig, key: str) -> None:
+    """An OpenAI-compatible endpoint's request settings (workers/endpoint.py)."""
+    node = OmegaConf.select(cfg, key)
+    whole = lambda name: number(cfg, f"{key}.{name}").is_integer() and not isinstance(node[name], bool)  # noqa: E731
+    check(number(cfg, f"{key}.timeout_s") > 0, f"{key}.timeout_s", node.timeout_s, "> 0 seconds")
+    check(number(cfg, f"{key}.max_retries") >= 0 and whole("max_retries"), f"{key}.max_retries", node.max_retries, "a whole number >= 0")
+    check(number(cfg, f"{key}.backoff_s") >= 0, f"{key}.backoff_s", node.backoff_s, ">= 0 seconds")
+    check(number(cfg, f"{key}.max_backoff_s") >= number(cfg, f"{key}.backoff_s"), f"{key}.max_backoff_s", node.max_backoff_s,
+          f"at least {key}.backoff_s ({node.backoff_s})")
+    check(number(cfg, f"{key}.concurrency") >= 1 and whole("concurrency"), f"{key}.concurrency", node.concurrency, "a whole number >= 1")
+
+
 def validate(cfg: DictConfig) -> None:
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -85,6 +97,8 @@ def validate(cfg: DictConfig) -> None:
     check(cfg.judge.mode in MODES, "judge.mode", cfg.judge.mode, f"one of {', '.join(MODES)}")
     check(number(cfg, "judge.samples") >= 1, "judge.samples", cfg.judge.samples, ">= 1")
     check(0 <= number(cfg, "judge.max_parse_failure_rate") <= 1, "judge.max_parse_failure_rate", cfg.judge.max_parse_failure_rate, "in [0, 1]")
+    for endpoint in ("judge.endpoint", "eval.judge.endpoint"):
+        check_endpoint(cfg, endpoint)
     check(number(cfg, "judge.min_score") < number(cfg, "judge.max_score"), "judge.min_score", cfg.judge.min_score, "below judge.max_score")
     check(cfg.train.method in trainer.METHODS, "train.method", cfg.train.method, f"one of {', '.join(trainer.METHODS)}")
     check(cfg.train.loss in trainer.LOSSES, "train.loss", cfg.train.loss, f"one of {', '.join(trainer.LOSSES)}")

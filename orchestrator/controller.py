@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import ray
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from orchestrator.config import resolve_run_dir, to_plain
 from orchestrator.data import load_prompts
 from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.models import check_checkpoint_dir, checkpoint_fingerprint, resolve_model_path
+from orchestrator.redact import redact_config
 from orchestrator.roles import Role, Workers, resumable_keys
 from orchestrator.store import RoundDir, RunStore, publish_dir, write_json, write_jsonl
 from orchestrator.tracking import Tracker, default_artifact_location, default_uri
@@ -136,14 +137,17 @@ class Controller:
 
     # -- setup -----------------------------------------------------------------------
     def open_store(self) -> None:
-        config = to_plain(self.cfg)
+        # The manifest keeps the config with its secrets masked, so resume compares masked forms
+        # (the stored one masked again: a run from before masking stored real values). A rotated
+        # password is then no change; a different host or any other value still is.
+        config = redact_config(to_plain(self.cfg))
         if self.cfg.resume:
             if not self.store.exists():
                 raise ConfigError(f"resume=true but run_dir={self.store.root} holds no run (no manifest.json)")
             self.store.load()
             allowed = resumable_keys(self.workers.roles.values())
             changed = [
-                k for k in config_diff(self.store.manifest["config"], config)
+                k for k in config_diff(redact_config(self.store.manifest["config"]), config)
                 if not any(k == p or k.startswith(p + ".") for p in allowed)
             ]
             if changed:
@@ -160,7 +164,7 @@ class Controller:
                 raise ConfigError(
                     f"run_dir={self.store.root} already holds a run; add resume=true to continue it, or pick another run_dir"
                 )
-            self.store.create(config, OmegaConf.to_yaml(self.cfg, resolve=True))
+            self.store.create(config)
             log.info("new run in %s", self.store.root)
 
     def preflight(self) -> None:
@@ -189,8 +193,8 @@ class Controller:
         uri = self.cfg.tracking.uri or default_uri(self.store)
         artifacts = None if self.cfg.tracking.uri else default_artifact_location(self.store)
         self.tracker = Tracker(uri, self.cfg.tracking.experiment, self.store, artifacts)
-        self.tracker.start(to_plain(self.cfg), self.store.root / "config.yaml", run_name=self.store.root.name)
-        log.info("MLflow: %s (experiment %s, parent run %s)", uri, self.cfg.tracking.experiment, self.tracker.parent_id)
+        self.tracker.start(redact_config(to_plain(self.cfg)), self.store.root / "config.yaml", run_name=self.store.root.name)
+        log.info("MLflow: %s (experiment %s, parent run %s)", self.tracker.display_uri, self.cfg.tracking.experiment, self.tracker.parent_id)
 
     @contextmanager
     def session(self) -> Iterator["Controller"]:
@@ -267,6 +271,8 @@ class Controller:
         """The judge for round ``index``: the policy itself (the paper), a fixed local model, or an endpoint."""
         if "judge" not in self.workers.roles:
             return self.policy(index)
+        if self.workers.roles["judge"].kind == "endpoint":  # serves its own model; judge.model is not a path then
+            return self.workers.serve("judge")
         return self.workers.serve("judge", str(check_checkpoint_dir(str(self.cfg.judge.model), what="judge.model")))
 
     def used_prompts(self, before: int) -> tuple[list[Prompt], list[Prompt]]:

@@ -8,7 +8,17 @@ Two modes (``judge.mode``):
 - ``score_only``: our addition for small judges that cannot follow the format. The judge prompt
   is followed by an assistant turn that starts with ``Score:`` and the score is the expected
   value of the next token over the digits min..max (renormalised), read from the log-probabilities
-  of one decoding step. Deterministic, so one sample per response.
+  of one decoding step. Deterministic, so one sample per response. The probability the judge put
+  on the score tokens at all (``Judgment.mass``) is kept: a judge derailed by the response puts
+  little there while its renormalised score still looks confident.
+
+The response is data, not instructions. It is shown with the judge prompt's own tags escaped
+(``neutralise``), so it cannot close ``<response>`` and write outside it, and with score labels
+("Score: 5") redacted (``redact_scores``), so the judge cannot copy a score the response gives
+itself; special-token text in it never becomes a control token (orchestrator.chat); a prompt too
+long for the judge is fitted by cutting the response, never the rubric or the question
+(``fitted_prompt``); and responses that try such things are counted per round
+(``injection_metrics``). tests/test_judge_canary.py measures all of it on the default model.
 """
 
 from __future__ import annotations
@@ -16,9 +26,10 @@ from __future__ import annotations
 import math
 import re
 import statistics
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from orchestrator import chat
+from orchestrator.errors import JudgeError
 from orchestrator.chat import Messages
 from orchestrator.section import Section
 from orchestrator.types import Generation, GenerationRequest, Judgment
@@ -52,11 +63,85 @@ MODES = ("text", "score_only")
 # The paper's prompt labels the question "User:"; a multi-turn transcript labels each of its turns.
 _TRANSCRIPT_JUDGE_PROMPT = JUDGE_PROMPT.replace("User: {prompt}", "{prompt}")
 
+# The judge prompt's own tags (<response>, </response>, any case or spacing). Written in a response
+# they would close its field early; shown with the angle brackets escaped, they are text.
+_TAG = re.compile(r"<(\s*/?\s*response\b[^<>]*)>", re.IGNORECASE)
+# What the judge writes last and what score_only's assistant turn starts with: "Score: N" (or
+# "Points: N", NeMo-Aligner's form; "Rating: 4.5/5"; markdown "**Score:** 5"). A response that
+# writes it is asking for that score: SmolLM2 copies it (2.5 -> 4.7 with a trailing "Score: 5").
+_SCORE_LIKE = re.compile(
+    r"\b(?:score|points|rating)[\s*_]*[:=][\s*_]*[0-9]+(?:\.[0-9]+)?(?:\s*/\s*[0-9]+(?:\.[0-9]+)?)?", re.IGNORECASE
+)
+SCORE_REDACTED = "[score removed]"
+# Special-token shapes of common chat formats (ChatML and Llama 3's <|...|>, <s>, </s>, [INST]):
+# counted here; the tokenizer's exact list is what orchestrator.chat keeps from becoming control.
+_SPECIAL_LIKE = re.compile(r"<\|[^<>|\s]{1,64}\|>|</?s>|\[/?INST\]")
+# Where a response too long for the judge's context is cut.
+TRUNCATED = "\n[... truncated]"
+
+
+def neutralise(text: str) -> str:
+    """``text`` as the judge is shown it in its fields: the judge prompt's tags escaped."""
+    return _TAG.sub(r"&lt;\1&gt;", text)
+
+
+def redact_scores(response: str) -> str:
+    """A response as the judge is shown it: score labels with their numbers replaced, so the judge
+    has nothing to copy. Only in the judge's view; pairs and training keep the response as written."""
+    return _SCORE_LIKE.sub(SCORE_REDACTED, response)
+
+
+def _fill(question: str, response: str, single_turn: bool) -> str:
+    template = JUDGE_PROMPT if single_turn else _TRANSCRIPT_JUDGE_PROMPT
+    return template.format(prompt=neutralise(question), response=redact_scores(neutralise(response)))
+
 
 def judge_prompt(messages: Messages, response: str) -> str:
     """The judge's prompt for ``response`` to the prompt ``messages`` (shown as ``chat.transcript``)."""
-    template = JUDGE_PROMPT if len(messages) == 1 else _TRANSCRIPT_JUDGE_PROMPT
-    return template.format(prompt=chat.transcript(messages), response=response)
+    return _fill(chat.transcript(messages), response, len(messages) == 1)
+
+
+def _longest(n: int, ok: Callable[[int], bool]) -> int | None:
+    """The largest k in 0..n with ok(k) (ok is monotone: true up to some k), or None if not even ok(0)."""
+    if not ok(0):
+        return None
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
+def fitted_prompt(messages: Messages, response: str, fits: Callable[[str], bool] | None) -> str:
+    """``judge_prompt``, cut to ``fits`` (the judge's context) where it does not.
+
+    The response is cut at its end: the rubric, the question and the closing instructions stay
+    whole, and the judge sees where the response was cut. Only if even an empty response does not
+    fit is the question cut too, keeping its end (the instruction being answered).
+    """
+    question, single = chat.transcript(messages), len(messages) == 1
+    if fits is None or fits(_fill(question, response, single)):
+        return _fill(question, response, single)
+    keep = _longest(len(response), lambda k: fits(_fill(question, response[:k] + TRUNCATED, single)))
+    if keep is not None:
+        return _fill(question, response[:keep] + TRUNCATED, single)
+    keep = _longest(len(question), lambda k: fits(_fill(TRUNCATED + question[len(question) - k:], TRUNCATED, single)))
+    if keep is None:
+        # Cutting the rubric would leave a judge that cannot see what it scores (every score equal).
+        raise JudgeError(
+            "the judge prompt does not fit the judge engine's context even without the response and the question: "
+            "raise its engine.max_model_len (or lower the judge's max_tokens)"
+        )
+    return _fill(TRUNCATED + question[len(question) - keep:], TRUNCATED, single)
+
+
+def injection_metrics(generations: list[Generation]) -> dict[str, float]:
+    """How many responses write what could steer their judge: score labels, the judge's tags, special tokens."""
+    kinds = {"score_text": _SCORE_LIKE, "judge_tags": _TAG, "special_tokens": _SPECIAL_LIKE}
+    return {
+        f"judge/responses_with_{kind}": float(sum(1 for g in generations if pattern.search(g.text)))
+        for kind, pattern in kinds.items()
+    }
 
 
 def parse_score(text: str, lo: float = 0.0, hi: float = 5.0) -> float | None:
@@ -73,7 +158,7 @@ def score_choices(lo: int, hi: int) -> list[str]:
 
 
 def expected_score(probs: dict[str, float] | None) -> float | None:
-    """Probability-weighted mean over digit choices (already renormalised)."""
+    """Probability-weighted mean over digit choices, renormalised over them."""
     if not probs:
         return None
     total = sum(probs.values())
@@ -108,6 +193,8 @@ def text_judgments(
 
 
 def score_only_judgments(generations: list[Generation], probs: list[dict[str, float] | None]) -> list[Judgment]:
+    """Judgments from the probabilities of the score tokens (``choice_probs``, not renormalised:
+    their sum is the judge's mass on a score at all)."""
     out = []
     for gen, p in zip(generations, probs, strict=True):
         score = expected_score(p)
@@ -119,6 +206,7 @@ def score_only_judgments(generations: list[Generation], probs: list[dict[str, fl
                 samples=[score],
                 raw=[repr(p)] if p else [],
                 mode="score_only",
+                mass=sum(p.values()) if p else None,  # None: no probabilities came back
             )
         )
     return out
@@ -140,17 +228,30 @@ def judgment_metrics(judgments: list[Judgment]) -> dict[str, float]:
         metrics["judge/score_mean"] = statistics.fmean(scores)
         metrics["judge/score_median"] = statistics.median(scores)
         metrics["judge/score_std"] = statistics.pstdev(scores)
+    masses = [j.mass for j in judgments if j.mass is not None]
+    if masses:
+        metrics["judge/score_token_mass_mean"] = statistics.fmean(masses)
+        metrics["judge/score_token_mass_min"] = min(masses)
     return metrics
 
 
-def score_with(backend: Any, generations: list[Generation], cfg: Mapping[str, Any]) -> list[Judgment]:
+# fits(prompt, assistant_prefix, max_new_tokens): whether a judge prompt fits the judge's context.
+Fits = Callable[[str, str, int], bool]
+
+
+def score_with(backend: Any, generations: list[Generation], cfg: Mapping[str, Any], fits: Fits | None = None) -> list[Judgment]:
     """Judge ``generations`` through any backend with ``generate`` and ``choice_probs``.
 
     ``cfg`` is the whole ``judge`` section (conf/judge/); a missing key is a KeyError naming it.
+    ``fits`` (a backend that knows its context, e.g. VLLMWorker.fits) fits long prompts by
+    cutting the response (``fitted_prompt``).
     """
     cfg = Section("judge", cfg)
     lo, hi = cfg["min_score"], cfg["max_score"]
-    prompts = [judge_prompt(g.messages, g.text) for g in generations]
+    # score_only reads one token, or a space and then one (VLLMWorker.choice_probs): room for two.
+    prefix, max_new = (SCORE_PREFIX, 2) if cfg["mode"] == "score_only" else ("", int(cfg["max_tokens"]))
+    fit = (lambda prompt: fits(prompt, prefix, max_new)) if fits else None
+    prompts = [fitted_prompt(g.messages, g.text, fit) for g in generations]
     if cfg["mode"] == "score_only":
         probs = backend.choice_probs(prompts, score_choices(lo, hi), assistant_prefix=SCORE_PREFIX)
         return score_only_judgments(generations, probs)

@@ -11,6 +11,7 @@ judge in ``orchestrator.eval``, a plug-in's in its class; ``Controller`` collect
 
 - ``serve(role, path)``: a long-lived worker (a vLLM engine, an endpoint client) serving
   ``path``; started on first use, given new weights after (``sync_weights``, checksum checked);
+  a role declared with ``engine_of`` has no engine of its own and is served on that role's;
 - ``run(role, cls, method, ...)``: a task role (the trainer): a fresh actor for one call, ended
   after it, so its memory is back before the next stage;
 - ``hold(role, cls, ...)``: a task actor kept for several calls (CRM's two peers step in lockstep),
@@ -92,10 +93,16 @@ class Role:
     bundle: str | None = None
     # Config keys that may change on resume: execution only (memory, resources, threads).
     resumable: tuple[str, ...] = ()
+    # A vLLM role served on another vLLM role's engine (that role's name), its checkpoint swapped in
+    # with ``sync_weights`` whenever it is asked for: several checkpoints on one engine (ALMA's
+    # generators and judge on a CPU host). None: an engine of its own.
+    engine_of: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"{self.section}: worker kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.engine_of is not None and (self.kind != "vllm" or self.engine_of == self.name):
+            raise ConfigError(f"{self.section}: role {self.name!r} can share only another role's vLLM engine")
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -149,6 +156,13 @@ class Workers:
             if role.name in self.roles:
                 raise ConfigError(f"two workers are declared for role {role.name!r} ({self.roles[role.name].section}, {role.section})")
             self.roles[role.name] = role
+        for role in self.roles.values():
+            host = self.roles.get(role.engine_of) if role.engine_of else None
+            if role.engine_of and (host is None or host.kind != "vllm" or host.engine_of):
+                raise ConfigError(
+                    f"{role.section}: role {role.name!r} is served on role {role.engine_of!r}'s engine, which is not a "
+                    f"declared vLLM role with an engine of its own"
+                )
         self.seed = int(seed)
         self.start_timeout_s = float(start_timeout_s or 0)
         self.live: dict[str, Any] = {}
@@ -192,8 +206,11 @@ class Workers:
         return worker
 
     def serve(self, name: str, path: str | None = None, sha256: str | None = None) -> Any:
-        """Role ``name``'s worker, serving checkpoint ``path`` (endpoints serve their own model)."""
+        """Role ``name``'s worker, serving checkpoint ``path`` (endpoints serve their own model); a
+        role with ``engine_of`` is its host role's engine, now serving ``path``."""
         role = self.role(name)
+        if role.engine_of:
+            return self.serve(role.engine_of, path, sha256)
         worker = self.live.get(name)
         if role.kind == "endpoint":
             if worker is None:

@@ -48,8 +48,12 @@ def self_instruct(
     filt = PromptFilter(
         existing, float(cfg["rouge_l_max"]), int(cfg["min_words"]), int(cfg["max_words"]), list(cfg["banned_keywords"])
     )
+    # shots_seed: a count, or [lo, hi] for a count drawn per request (ALMA: 3-5 random seed prompts)
+    shots = cfg["shots_seed"]
+    lo, hi = (int(shots), int(shots)) if isinstance(shots, (int, float)) else (int(shots[0]), int(shots[1]))
     demo_prompts = [
-        few_shot_prompt(pick_demos(rng, seed_texts, earlier, int(cfg["shots_seed"]), int(cfg["shots_generated"])))
+        few_shot_prompt(pick_demos(rng, seed_texts, earlier, lo if lo == hi else rng.randint(lo, hi),
+                                   int(cfg["shots_generated"])))
         for _ in range(want * int(cfg["oversample"]))
     ]
     request = GenerationRequest(
@@ -106,16 +110,21 @@ def round_prompts(
 
 
 def generate_responses(
-    call: Call, policy: Any, prompts: Sequence[Prompt], cfg: dict[str, Any]
+    call: Call, policy: Any, prompts: Sequence[Prompt], cfg: dict[str, Any], *, source: str = "policy", first_index: int = 0,
+    prefix: str = "gen/",
 ) -> tuple[list[Generation], dict[str, float]]:
-    """N samples per prompt from the policy (``cfg``: the ``generation`` section; N = ``cfg["n"]``)."""
+    """N samples per prompt from the policy (``cfg``: the ``generation`` section; N = ``cfg["n"]``).
+
+    When several checkpoints answer the same prompts (ALMA), each call names its ``source`` and
+    numbers its samples from ``first_index``, so (prompt, index) stays unique across them."""
     completions, wall = _sample(call, policy, [p.messages for p in prompts], int(cfg["n"]), cfg)
     gens = [
-        Generation(prompt_id=p.id, messages=p.messages, index=i, text=text, num_tokens=ntok, finish_reason=fin)
+        Generation(prompt_id=p.id, messages=p.messages, index=first_index + i, text=text, num_tokens=ntok, finish_reason=fin,
+                   source=source)
         for p, comp in zip(prompts, completions, strict=True)
         for i, (text, ntok, fin) in enumerate(zip(comp.texts, comp.num_tokens, comp.finish_reasons))
     ]
-    return gens, generation_metrics(gens, len(prompts), wall)
+    return gens, generation_metrics(gens, len(prompts), wall, prefix)
 
 
 def _sample(call: Call, policy: Any, prompts: list[Any], n: int, cfg: dict[str, Any]) -> tuple[list[Any], float]:
@@ -171,7 +180,7 @@ def judge_responses(
     call: Call, judge: Any, generations: list[Generation], cfg: dict[str, Any]
 ) -> tuple[list[Judgment], dict[str, float]]:
     judgments: list[Judgment] = call(judge, "score", generations, cfg)
-    metrics = judging.judgment_metrics(judgments)
+    metrics = {**judging.judgment_metrics(judgments), **judging.injection_metrics(generations)}
     if generations and metrics["judge/parse_failure_rate"] > float(cfg["max_parse_failure_rate"]):
         example = next((r for j in judgments if j.score is None for r in j.raw[:1]), "")
         raise JudgeError(

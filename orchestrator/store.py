@@ -5,6 +5,7 @@ Layout::
     RUN_DIR/
       manifest.json            run-level state: config, MLflow run ids, per-round status
       config.yaml              the resolved config of the first start
+                               (both with secrets masked: orchestrator/redact.py)
       rounds/round_001/
         prompts.jsonl          one file per stage, written to a temp name then renamed, so a file
         generations.jsonl      that exists is complete; resume restarts at the first missing one
@@ -28,6 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
+from orchestrator.redact import redact_config
 from orchestrator.types import Record
 
 R = TypeVar("R", bound=Record)
@@ -154,10 +156,18 @@ class RunStore:
     def exists(self) -> bool:
         return self.manifest_path.exists()
 
-    def create(self, config: dict[str, Any], config_yaml: str) -> None:
+    def create(self, config: dict[str, Any], config_yaml: str | None = None) -> None:
+        """A new run: ``config`` (plain, resolved) goes to the manifest and, unless ``config_yaml``
+        is given (written as it is: its caller masks it), to config.yaml, with secrets masked. The
+        run reads neither back for its values, only to compare configs on resume (masked forms)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        safe = redact_config(config)
+        if config_yaml is None:
+            from omegaconf import OmegaConf
+
+            config_yaml = OmegaConf.to_yaml(OmegaConf.create(safe))
         atomic_write_text(self.root / "config.yaml", config_yaml)
-        self.manifest = {"config": config, "rounds": {}, "mlflow": {}, "status": "running"}
+        self.manifest = {"config": safe, "rounds": {}, "mlflow": {}, "status": "running"}
         self.save()
 
     def load(self) -> None:

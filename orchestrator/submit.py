@@ -7,10 +7,20 @@ cluster) and an absolute ``run_dir``::
 
     python -m orchestrator.cli +experiment=self_reward rounds=10 cluster=local run_dir=/shared/runs/x
 
-The job's ``runtime_env`` carries the project (``working_dir``: this checkout, .gitignore and
-``cluster.runtime_env.excludes`` left out), ``PYTHONUNBUFFERED=1``, the run dir
-(``ORCHESTRATOR_RUN_DIR``) and the submitter's resolved config as YAML
-(``ORCHESTRATOR_SUBMITTED_CONFIG``), plus ``cluster.runtime_env.{pip,env_vars,extra}``.
+The job's ``runtime_env`` carries the project (``working_dir``: this checkout, .gitignore,
+``cluster.runtime_env.excludes`` and ``SECRET_EXCLUDES`` left out), ``PYTHONUNBUFFERED=1``, the
+run dir (``ORCHESTRATOR_RUN_DIR``) and the submitter's resolved config as YAML with its secrets
+masked (``ORCHESTRATOR_SUBMITTED_CONFIG``, for the record: the job composes its own), plus
+``cluster.runtime_env.{pip,env_vars,extra}``.
+
+Secrets: the job record (entrypoint, metadata, the config copy) is readable by anyone who can
+reach the job API, and the entrypoint and metadata show in ``ray job list`` and the dashboard.
+An override whose value holds a secret (``tracking.uri=http://user:pass@host``, an ``?api_key=``)
+therefore reaches the job through its environment instead: the entrypoint says
+``tracking.uri=${oc.env:ORCHESTRATOR_SECRET_1}`` and ``runtime_env.env_vars`` holds the value,
+like ``cluster.runtime_env.env_vars``. The runtime_env is part of the job record too; on a cluster
+with token authentication only token holders read it. Values set on the nodes themselves (the
+image, the node's environment) never enter the record at all.
 
 A relative ``run_dir`` is placed under ``storage.path`` when that is set (storage every node can
 read), else under the current directory, which is only right when this machine and the cluster
@@ -46,9 +56,19 @@ from typing import Any, Callable, Iterable, Sequence
 
 from orchestrator.config import CONF_DIR, resolve_run_dir, to_plain
 from orchestrator.errors import ConfigError, OrchestratorError
+from orchestrator.redact import guard, redact_config, redact_override, redact_text
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_COMMAND = "python -m orchestrator.cli"
+# Never uploaded with a local working_dir, whatever cluster.runtime_env.excludes says: files that
+# usually hold credentials (dotenv files, keys, netrc, cloud credentials, Ray's own token).
+SECRET_EXCLUDES = (
+    ".env", ".env.*", "*.env", ".envrc", ".netrc", "_netrc", ".git-credentials", ".pypirc",
+    "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ecdsa*", "id_ed25519*",
+    ".aws/", ".gcp/", ".azure/", ".ssh/", ".ray/", "auth_token", "credentials.json", "secrets.*",
+)
+# The environment variables that carry secret override values to a job (see the module docstring).
+SECRET_ENV_PREFIX = "ORCHESTRATOR_SECRET_"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Hydra command-line flags that take a value in the next argument.
 _FLAGS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"}
@@ -147,17 +167,46 @@ def build_entrypoint(command: str, overrides: Sequence[str]) -> str:
     return " ".join([command.strip()] + [shlex.quote(o) for o in overrides])
 
 
+def secrets_to_env(overrides: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Overrides whose value holds a secret, moved out of the command line: ``k=http://u:p@h``
+    becomes ``k=${oc.env:ORCHESTRATOR_SECRET_N}`` (Hydra resolves it in the job) and the value goes
+    to the returned environment variables. Flags and other overrides are kept as they are."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    out: list[str] = []
+    env: dict[str, str] = {}
+    for override in overrides:
+        if override.startswith("-") or "=" not in override or redact_override(override) == override:
+            out.append(override)
+            continue
+        try:
+            value = parser.parse_override(override).value()
+        except Exception:
+            raise ConfigError(f"override {redact_override(override)} does not parse (quote a value that holds = or ?)") from None
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"override {redact_override(override)} holds a secret inside a list or dict; give it as a key of "
+                "its own (e.g. judge.endpoint.base_url=...) so it can travel in the job's environment"
+            )
+        name = f"{SECRET_ENV_PREFIX}{len(env) + 1}"
+        env[name] = value
+        out.append(f"{override.split('=', 1)[0]}=${{oc.env:{name}}}")
+    return out, env
+
+
 def resolved_config_yaml(cfg: Any, run_dir: str) -> str:
-    """The submitter's config, resolved (falls back to unresolved if a value cannot resolve)."""
+    """The submitter's config, resolved (falls back to unresolved if a value cannot resolve), with
+    its secrets masked: the job composes its own config, so this copy is only a record."""
     from omegaconf import OmegaConf
 
     try:
         data = OmegaConf.to_container(cfg, resolve=True)
     except Exception as exc:  # an interpolation only the job can resolve
-        print(f"note: config not fully resolvable here ({exc}); sending it unresolved", file=sys.stderr)
+        print(f"note: config not fully resolvable here ({redact_text(str(exc))}); sending it unresolved", file=sys.stderr)
         data = OmegaConf.to_container(cfg, resolve=False)
     data["run_dir"] = run_dir
-    return OmegaConf.to_yaml(OmegaConf.create(data))
+    return OmegaConf.to_yaml(OmegaConf.create(redact_config(data)))
 
 
 def default_submission_id(cfg: Any) -> str:
@@ -176,8 +225,9 @@ def build_runtime_env(cfg: Any, run_dir: str, config_yaml: str) -> dict[str, Any
             raise ConfigError(f"cluster.runtime_env.working_dir: {working_dir} is not a directory")
     env: dict[str, Any] = {"working_dir": str(working_dir)}
     excludes = list(renv.get("excludes") or []) + list(renv.get("extra_excludes") or [])
-    if excludes and "://" not in str(working_dir):
-        env["excludes"] = [str(e) for e in excludes]
+    if "://" not in str(working_dir):
+        # gitignore-style patterns; .gitignore is honoured as well, but a secret file need not be in it.
+        env["excludes"] = list(dict.fromkeys([str(e) for e in excludes] + list(SECRET_EXCLUDES)))
     env_vars = {
         "PYTHONUNBUFFERED": "1",
         "ORCHESTRATOR_RUN_DIR": run_dir,
@@ -212,18 +262,37 @@ def _token_headers() -> dict[str, str]:
         return {}
 
 
+def plain_http_to_remote(address: str) -> bool:
+    """Whether ``address`` is plain http to a host other than this machine: a token sent there
+    crosses the network in clear text."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address)
+    if parts.scheme != "http":
+        return False
+    host = (parts.hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: not resolved here, so not known to be this machine
+        return True
+
+
 def connect(address: str | None, timeout_s: float = 10.0):
     """A ``JobSubmissionClient`` for ``address``, or a one-line :class:`SubmitError`.
 
     A cluster with Ray token authentication answers 401 without a token; the local token is then
-    sent (as ``ray job`` does with ``RAY_AUTH_MODE=token``).
+    sent (as ``ray job`` does with ``RAY_AUTH_MODE=token``), with a warning when it goes over
+    plain http to another machine.
     """
     import requests
 
     address = normalize_address(address)
     hint = (
         "check the address (the head's dashboard port, usually 8265) and that the head runs "
-        "with the dashboard (ray start --head --dashboard-host=0.0.0.0)"
+        "with the dashboard on a reachable interface (ray start --head --dashboard-host=PRIVATE_IP)"
     )
     headers: dict[str, str] = {}
     try:
@@ -231,6 +300,13 @@ def connect(address: str | None, timeout_s: float = 10.0):
         if r.status_code in (401, 403):
             headers = _token_headers()
             if headers:
+                if plain_http_to_remote(address):
+                    print(
+                        f"warning: sending the Ray auth token to {redact_text(address)} over plain http: anyone on the network "
+                        "path can read it and run code on the cluster. Use https (a TLS proxy in front of the "
+                        "dashboard), an SSH tunnel to 127.0.0.1, or keep the port on a private network",
+                        file=sys.stderr,
+                    )
                 r = requests.get(f"{address}/api/version", timeout=timeout_s, headers=headers)
     except requests.exceptions.RequestException as exc:
         reason = type(exc).__name__
@@ -253,7 +329,7 @@ def connect(address: str | None, timeout_s: float = 10.0):
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    text = " ".join(redact_text(str(exc)).split())
     return text[:500] + ("..." if len(text) > 500 else "")
 
 
@@ -303,6 +379,42 @@ def _commands(job_id: str, address: str) -> list[tuple[str, str]]:
     ]
 
 
+def build_job(cfg: Any, overrides: Sequence[str], command: str | None = None) -> dict[str, Any]:
+    """The keyword arguments of ``JobSubmissionClient.submit_job`` for this run.
+
+    No secret in the entrypoint, the metadata or the config copy: secret override values travel
+    in ``runtime_env.env_vars`` (``secrets_to_env``), the rest is masked (orchestrator/redact.py).
+    """
+    run_dir = resolve_run_dir(cfg)
+    entry_overrides, secret_env = secrets_to_env(job_overrides(overrides, run_dir))
+    entrypoint = build_entrypoint(command or _select(cfg, "cluster.command", DEFAULT_COMMAND), entry_overrides)
+    runtime_env = build_runtime_env(cfg, run_dir, resolved_config_yaml(cfg, run_dir))
+    runtime_env["env_vars"].update(secret_env)
+    submission_id = str(_select(cfg, "cluster.submission_id") or _select(cfg, "cluster.job_id") or default_submission_id(cfg))
+    metadata = {
+        "orchestrator.run_dir": run_dir,
+        "orchestrator.experiment": str(_select(cfg, "experiment_name", "")),
+        "orchestrator.overrides": json.dumps([redact_override(o) for o in overrides]),
+    }
+    user_metadata = to_plain(_select(cfg, "cluster.metadata", {})) or {}
+    metadata.update({str(k): str(v) for k, v in redact_config({str(k): str(v) for k, v in user_metadata.items()}).items()})
+    job: dict[str, Any] = {"entrypoint": entrypoint, "submission_id": submission_id, "runtime_env": runtime_env, "metadata": metadata}
+    for key in ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory", "entrypoint_resources"):
+        value = to_plain(_select(cfg, f"cluster.{key}"))
+        if value is not None:
+            job[key] = value
+    return job
+
+
+def _guard(cfg: Any) -> None:
+    from omegaconf import OmegaConf
+
+    try:
+        guard(OmegaConf.to_container(cfg, resolve=True))
+    except Exception:
+        guard(OmegaConf.to_container(cfg, resolve=False))
+
+
 def submit_run(
     cfg: Any,
     overrides: Sequence[str],
@@ -318,23 +430,10 @@ def submit_run(
     ``command`` replaces ``cluster.command`` (the program the job runs before the overrides).
     """
     out = out or sys.stdout
+    _guard(cfg)
     address = normalize_address(_select(cfg, "cluster.address"))
-    run_dir = resolve_run_dir(cfg)
-    entry_overrides = job_overrides(overrides, run_dir)
-    entrypoint = build_entrypoint(command or _select(cfg, "cluster.command", DEFAULT_COMMAND), entry_overrides)
-    runtime_env = build_runtime_env(cfg, run_dir, resolved_config_yaml(cfg, run_dir))
-    submission_id = str(_select(cfg, "cluster.submission_id") or _select(cfg, "cluster.job_id") or default_submission_id(cfg))
-    metadata = {
-        "orchestrator.run_dir": run_dir,
-        "orchestrator.experiment": str(_select(cfg, "experiment_name", "")),
-        "orchestrator.overrides": json.dumps(list(overrides)),
-    }
-    metadata.update({str(k): str(v) for k, v in (to_plain(_select(cfg, "cluster.metadata", {})) or {}).items()})
-    kwargs: dict[str, Any] = {}
-    for key in ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory", "entrypoint_resources"):
-        value = to_plain(_select(cfg, f"cluster.{key}"))
-        if value is not None:
-            kwargs[key] = value
+    job = build_job(cfg, overrides, command)
+    run_dir, entrypoint = job["metadata"]["orchestrator.run_dir"], job["entrypoint"]
 
     if not _select(cfg, "storage.path") and not os.path.isabs(os.path.expanduser(str(_select(cfg, "run_dir")))):
         print(
@@ -343,16 +442,12 @@ def submit_run(
             file=sys.stderr,
         )
     client = connect(address, float(_select(cfg, "cluster.connect_timeout_s", 10)))
-    job_id = _call(
-        f"submitting to {address}",
-        lambda: client.submit_job(
-            entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env, metadata=metadata, **kwargs
-        ),
-    )
-    print(f"Submitted Ray job {job_id} to {address}", file=out)
+    job_id = _call(f"submitting to {address}", lambda: client.submit_job(**job))
+    shown = redact_text(address)  # a proxy in front of the job API may take user:pass@ in the URL
+    print(f"Submitted Ray job {job_id} to {shown}", file=out)
     print(f"  run dir:    {run_dir}", file=out)
-    print(f"  entrypoint: {entrypoint}", file=out)
-    for name, cmd in _commands(job_id, address):
+    print(f"  entrypoint: {redact_text(entrypoint)}", file=out)
+    for name, cmd in _commands(job_id, shown):
         print(f"  {name + ':':11} {cmd}", file=out)
     out.flush()
 
@@ -412,7 +507,7 @@ def _cmd_run(ns) -> int:
     try:
         submit_run(cfg, user, follow=True if ns.follow else None)
     except JobEndedError as exc:
-        print(f"orchestrate-submit: {exc}", file=sys.stderr)
+        print(f"orchestrate-submit: {redact_text(str(exc))}", file=sys.stderr)
         return 1
     return 0
 
@@ -425,7 +520,7 @@ def _cmd_status(ns) -> int:
     print(f"  started: {_fmt_time(info.start_time)}  ended: {_fmt_time(info.end_time)}")
     if meta.get("orchestrator.run_dir"):
         print(f"  run dir: {meta['orchestrator.run_dir']}")
-    print(f"  entrypoint: {info.entrypoint}")
+    print(f"  entrypoint: {redact_text(info.entrypoint or '')}")
     return 0
 
 
@@ -465,7 +560,7 @@ def _cmd_list(ns) -> int:
     print(f"{'JOB':40} {'STATUS':10} {'STARTED':19}  RUN DIR / ENTRYPOINT")
     for job in jobs:
         meta = job.metadata or {}
-        where = meta.get("orchestrator.run_dir") or (job.entrypoint or "")[:80]
+        where = meta.get("orchestrator.run_dir") or redact_text(job.entrypoint or "")[:80]
         print(f"{(job.submission_id or job.job_id or '-'):40} {str(job.status):10} {_fmt_time(job.start_time):19}  {where}")
     return 0
 

@@ -8,6 +8,7 @@ parent chart shows a metric across rounds. Uses ``MlflowClient`` directly: no gl
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from orchestrator.redact import redact_config, redact_url, redact_value
 from orchestrator.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,14 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
 
 class Tracker:
     def __init__(self, uri: str, experiment: str, store: RunStore, artifact_location: str | None = None):
+        # The client gets the real URI (its credentials authenticate); everything shown or written
+        # (the manifest, log lines, the CLI's last line) gets ``display_uri``.
         self.uri = uri
+        self.display_uri = redact_url(uri)
+        if self.display_uri != uri:
+            # MLflow prints each finished run's URL to stdout, built from the tracking URI with
+            # its credentials; its own switch turns that off (we log the masked URI instead).
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.store = store
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
@@ -60,7 +69,9 @@ class Tracker:
         return self.store.manifest.setdefault("mlflow", {})
 
     def start(self, config: dict[str, Any], config_file: Path, run_name: str) -> str:
-        """Create the parent run, or reopen the one recorded in the manifest."""
+        """Create the parent run, or reopen the one recorded in the manifest. ``config`` is logged as
+        params with its secrets masked; ``config_file`` (the run dir's redacted config.yaml) is
+        logged as it is."""
         parent = self._ids.get("parent_run_id")
         if parent:
             self.client.update_run(parent, status="RUNNING")
@@ -69,14 +80,14 @@ class Tracker:
             return parent
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags={"orchestrator.run_dir": str(self.store.root)})
         self.parent_id = run.info.run_id
-        self._ids.update(parent_run_id=self.parent_id, tracking_uri=self.uri, experiment_id=self.experiment_id)
+        self._ids.update(parent_run_id=self.parent_id, tracking_uri=self.display_uri, experiment_id=self.experiment_id)
         self.store.save()
         self._log_params(self.parent_id, config)
         self.client.log_artifact(self.parent_id, str(config_file))
         return self.parent_id
 
     def _log_params(self, run_id: str, config: dict[str, Any]) -> None:
-        params = [Param(k, v) for k, v in sorted(flatten(config).items())]
+        params = [Param(k, v) for k, v in sorted(flatten(redact_config(config)).items())]
         for i in range(0, len(params), 100):
             self.client.log_batch(run_id, params=params[i : i + 100])
 
@@ -105,7 +116,9 @@ class Tracker:
         self.client.log_batch(self.parent_id, metrics=child)
 
     def log_round_params(self, index: int, params: dict[str, Any]) -> None:
-        self.client.log_batch(self.round_run(index), params=[Param(k, str(v)) for k, v in params.items()])
+        # Dotted names (``judge.endpoint.base_url``) are config paths: redacted as such.
+        safe = {k: redact_value(tuple(str(k).split(".")), v) for k, v in params.items()}
+        self.client.log_batch(self.round_run(index), params=[Param(k, str(v)) for k, v in safe.items()])
 
     def tag_round(self, index: int, **tags: str) -> None:
         self.client.log_batch(self.round_run(index), tags=[RunTag(k, str(v)) for k, v in tags.items()])

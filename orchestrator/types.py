@@ -111,6 +111,8 @@ class Judgment(Record):
     samples: list[float | None]  # one entry per judge sample (K of them in text mode)
     raw: list[str] = field(default_factory=list)  # judge outputs (text mode) for auditing
     mode: str = "text"  # "text" or "score_only"
+    # score_only: the judge's probability on the score tokens at all (near 1 for a judge on task).
+    mass: float | None = None
 
 
 @dataclass
@@ -130,6 +132,24 @@ class Pair(Record):
 
     def __post_init__(self) -> None:
         self.messages = chat.as_messages(self.messages)
+
+
+@dataclass
+class Demonstration(Record):
+    """One supervised example: ``response`` is the reply to the prompt ``messages`` (ALMA's SFT seed
+    and best-of-N data D_r, and its judge's rating targets). ``score``: the judge's score or a human
+    rating, where there is one; ``source``: where the reply came from (a file, a checkpoint)."""
+
+    prompt_id: str
+    messages: Messages
+    response: str
+    score: float | None = None
+    source: str = "seed"
+
+    def __post_init__(self) -> None:
+        self.messages = chat.as_messages(self.messages)
+        if not isinstance(self.response, str) or not self.response.strip():
+            raise ValueError("a demonstration needs a non-empty \"response\" string")
 
 
 @dataclass

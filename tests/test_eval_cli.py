@@ -28,7 +28,7 @@ def test_eval_one_checkpoint_against_a_baseline(tiny_checkpoint, tmp_path):
     proc = orchestrate_eval([
         "model=local", f"model.path={other}", f"eval.baseline={tiny_checkpoint}",
         "eval.max_prompts=5", "eval.if_max_prompts=8", "eval.decoding.max_tokens=16", "eval.lc.bootstrap=20",
-        "generation.engine.max_model_len=512", "generation.engine.kv_cache_gib=0.25",
+        "generation.engine.max_model_len=1024", "generation.engine.kv_cache_gib=0.25",
         "eval.judge.engine.kv_cache_gib=0.25", f"run_dir={run_dir}",
     ])  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]

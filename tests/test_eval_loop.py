@@ -115,7 +115,8 @@ def test_the_judge_role_a_local_engine_or_an_endpoint(tiny_checkpoint):
 
     (role,) = evaluation.roles(composed(["eval.judge.endpoint.base_url=http://localhost:8000/v1"]))
     assert (role.name, role.kind) == (JUDGE, "endpoint") and role.endpoint["base_url"] == "http://localhost:8000/v1"
-    assert role.resumable == ("eval.judge.resources",)
+    assert role.resumable[0] == "eval.judge.resources"
+    assert {"eval.judge.endpoint.timeout_s", "eval.judge.endpoint.max_retries", "eval.judge.endpoint.concurrency"} <= set(role.resumable)
 
 
 def test_a_judge_checkpoint_is_served_instead_of_the_start(local_controller, tmp_path):

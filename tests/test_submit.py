@@ -25,7 +25,7 @@ import ray.job_submission  # noqa: F401  (imported here, not under capsys: Ray's
 import yaml
 from omegaconf import OmegaConf
 
-from orchestrator import submit
+from orchestrator import redact, submit
 from orchestrator.config import resolve_run_dir
 from orchestrator.errors import ConfigError
 from orchestrator.submit import (
@@ -57,6 +57,27 @@ def _free_ports(n: int) -> list[int]:
 def _no_ray_env(monkeypatch):
     for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         monkeypatch.delenv(var, raising=False)
+    yield
+    redact.forget_all()  # submit_run remembers each config's secrets for the text it prints
+
+
+# Planted secrets (tests/test_secrets.py scans a run's own outputs for the same kind).
+MLFLOW_PW, JUDGE_PW, QUERY_KEY, ENV_VALUE = "s3cr3t-planted-mlflow", "pw-planted-judge", "qk-planted-judge", "env-planted-apikey"
+PLANTED = (MLFLOW_PW, JUDGE_PW, QUERY_KEY, ENV_VALUE)
+SECRET_URI = f"http://alice:{MLFLOW_PW}@mlflow.internal:5000"
+SECRET_JUDGE = f"http://bob:{JUDGE_PW}@judge.internal:8000/v1?api_key={QUERY_KEY}"
+
+
+def assert_clean(label: str, text: str) -> None:
+    found = [p for p in PLANTED if p in text]
+    assert not found, f"{label} holds planted secret(s) {found}"
+
+
+def planted_user_overrides(address: str, run_dir) -> list[str]:
+    return [
+        "rounds=1", f"tracking.uri={SECRET_URI}", f"judge.endpoint.base_url='{SECRET_JUDGE}'", "cluster=ray_job",
+        f"cluster.address={address}", f"+cluster.runtime_env.env_vars.API_KEY={ENV_VALUE}", f"run_dir={run_dir}",
+    ]
 
 
 # ------------------------------------------------------------------------------------------
@@ -126,7 +147,7 @@ def test_runtime_env_defaults_and_extras():
     env = build_runtime_env(cfg, "/shared/r", "")
     assert env["pip"] == ["rich"]
     assert env["env_vars"]["HF_HOME"] == "/shared/hf" and env["env_vars"]["A"] == "1"
-    assert env["excludes"][-1] == "bench/"
+    assert "bench/" in env["excludes"] and ".env" in env["excludes"]
     assert env["config"] == {"setup_timeout_seconds": 900}
 
     OmegaConf.update(cfg, "cluster.runtime_env.working_dir", "s3://bucket/project.zip", merge=False)
@@ -136,6 +157,47 @@ def test_runtime_env_defaults_and_extras():
     OmegaConf.update(cfg, "cluster.runtime_env.working_dir", "/does/not/exist", merge=False)
     with pytest.raises(ConfigError, match="working_dir"):
         build_runtime_env(cfg, "/shared/r", "")
+
+
+def test_secrets_travel_in_the_job_environment_only(monkeypatch, capsys):
+    """The job record (entrypoint, metadata, the config copy) holds no secret; the job's
+    environment holds the values, and the job's Hydra resolves them back."""
+    user = planted_user_overrides("http://head:8265", "/shared/r")
+    cfg = compose_config(user)
+    job = submit.build_job(cfg, user)
+    env = job["runtime_env"]["env_vars"]
+    assert_clean("entrypoint", job["entrypoint"])
+    assert_clean("metadata", json.dumps(job["metadata"]))
+    assert_clean("submitted config", env["ORCHESTRATOR_SUBMITTED_CONFIG"])
+    assert "API_KEY: '***'" in env["ORCHESTRATOR_SUBMITTED_CONFIG"] and "http://***@mlflow.internal:5000" in env["ORCHESTRATOR_SUBMITTED_CONFIG"]
+    assert "+cluster.runtime_env.env_vars.API_KEY=***" in json.loads(job["metadata"]["orchestrator.overrides"])
+    assert env["API_KEY"] == ENV_VALUE
+    assert {env["ORCHESTRATOR_SECRET_1"], env["ORCHESTRATOR_SECRET_2"]} == {SECRET_URI, SECRET_JUDGE}
+    argv = shlex.split(job["entrypoint"])
+    assert "tracking.uri=${oc.env:ORCHESTRATOR_SECRET_1}" in argv
+    for name in ("ORCHESTRATOR_SECRET_1", "ORCHESTRATOR_SECRET_2"):
+        monkeypatch.setenv(name, env[name])
+    in_job = compose_config(argv[3:])
+    assert in_job.tracking.uri == SECRET_URI and in_job.judge.endpoint.base_url == SECRET_JUDGE
+
+    class Client:
+        def submit_job(self, **kw):
+            return kw["submission_id"]
+
+    monkeypatch.setattr(submit, "connect", lambda address, timeout_s=10.0: Client())
+    submit_run(cfg, user)
+    out = capsys.readouterr()
+    assert "entrypoint:" in out.out and "${oc.env:ORCHESTRATOR_SECRET_1}" in out.out
+    assert_clean("stdout", out.out)
+    assert_clean("stderr", out.err)
+
+
+def test_secret_files_are_never_uploaded():
+    cfg = compose_config(["cluster=ray_job"])
+    OmegaConf.update(cfg, "cluster.runtime_env.excludes", [], merge=False)  # even with the list emptied
+    excludes = build_runtime_env(cfg, "/shared/r", "")["excludes"]
+    for pattern in (".env", ".env.*", "*.pem", "*.key", ".netrc", ".git-credentials", "id_rsa*", ".aws/", ".ray/"):
+        assert pattern in excludes
 
 
 def test_missing_address_is_a_clear_error():
@@ -212,6 +274,23 @@ class _TokenAPI:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+def test_plain_http_to_remote():
+    assert submit.plain_http_to_remote("http://10.0.0.5:8265") and submit.plain_http_to_remote("http://head:8265")
+    for local in ("http://127.0.0.1:8265", "http://localhost:8265", "http://[::1]:8265", "https://head:8265"):
+        assert not submit.plain_http_to_remote(local)
+
+
+def test_token_over_plain_http_to_another_machine_warns(monkeypatch, capsys):
+    monkeypatch.setattr(submit, "_token_headers", lambda: {"authorization": "Bearer secret"})
+    with _TokenAPI() as address:
+        submit.connect(address)  # 127.0.0.1: the token never leaves this machine
+        assert "warning" not in capsys.readouterr().err
+        monkeypatch.setattr(submit, "plain_http_to_remote", lambda address: True)  # as for http://head:8265
+        submit.connect(address)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: sending the Ray auth token to http://127.0.0.1:") and "plain http" in err and "Bearer" not in err
 
 
 def test_token_auth_cluster(monkeypatch):
@@ -405,6 +484,59 @@ def test_submit_mechanics_on_a_real_head(ray_head, tmp_path, capsys):
     assert submit.main(["status", "no-such-job", "--address", ray_head.address]) == 2
 
 
+# The stand-in job for the secrets test: composes its config from its own argv as `orchestrate`
+# would (the ${oc.env:...} overrides resolve from the job's environment) and records what it got.
+SECRETS_JOB = """
+import json, os, pathlib, sys
+from orchestrator.submit import compose_config
+cfg = compose_config(sys.argv[1:])
+run_dir = pathlib.Path(cfg.run_dir)
+run_dir.mkdir(parents=True, exist_ok=True)
+cwd = pathlib.Path.cwd()
+(run_dir / "job.json").write_text(json.dumps({
+    "tracking_uri": cfg.tracking.uri, "judge_url": cfg.judge.endpoint.base_url, "api_key": os.environ.get("API_KEY"),
+    "files": sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*") if p.is_file()),
+}))
+print("SECRETS-JOB ran")
+"""
+
+
+@pytest.mark.slow
+def test_secrets_reach_the_job_and_nothing_else(ray_head, tmp_path, capsys):
+    """Through a real head: no secret in the job record (entrypoint, metadata, runtime_env's config
+    copy), its logs or what submission printed; the job still gets every real value; secret files
+    of the working dir stay behind."""
+    work = tmp_path / "project"
+    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "__pycache__", "*.egg-info", ".pytest_cache"))
+    for name in (".env", "conf/.env.local", "deploy.pem", ".ray/auth_token"):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text(f"API_KEY={ENV_VALUE}\n")
+    (work / "notes.txt").write_text("not a secret\n")
+    run_dir = tmp_path / "run"
+    user = planted_user_overrides(ray_head.address, run_dir)
+    cfg = compose_config(user)
+    OmegaConf.update(cfg, "cluster.runtime_env.working_dir", str(work), merge=False)
+    job_id = submit_run(cfg, user, command=f"python -c {shlex.quote(SECRETS_JOB)}", follow=True)
+    out = capsys.readouterr()
+    assert f"Job {job_id} SUCCEEDED" in out.out, out.out[-3000:]
+
+    got = json.loads((run_dir / "job.json").read_text())
+    assert got["tracking_uri"] == SECRET_URI and got["judge_url"] == SECRET_JUDGE and got["api_key"] == ENV_VALUE
+    assert "notes.txt" in got["files"] and "orchestrator/submit.py" in got["files"]
+    assert not {".env", "conf/.env.local", "deploy.pem", ".ray/auth_token"} & set(got["files"])
+
+    info = ray_head.client().get_job_info(job_id)
+    assert_clean("entrypoint", info.entrypoint)
+    assert_clean("metadata", json.dumps(info.metadata))
+    assert_clean("submitted config", info.runtime_env["env_vars"]["ORCHESTRATOR_SUBMITTED_CONFIG"])
+    assert_clean("job logs", ray_head.client().get_job_logs(job_id))
+    assert_clean("stdout", out.out)
+    assert_clean("stderr", out.err)
+    assert submit.main(["status", job_id, "--address", ray_head.address]) == 0
+    assert submit.main(["list", "--address", ray_head.address]) == 0
+    assert_clean("orchestrate-submit status/list", capsys.readouterr().out)
+
+
 @pytest.mark.slow
 def test_stop_a_running_job(ray_head, tmp_path, capsys):
     run_dir = tmp_path / "run"
@@ -438,7 +570,7 @@ def test_submit_tiny_experiment_one_round(ray_head, tmp_path, capsys):
         "model=local", f"model.path={model}", "rounds=1", "data.prompts_per_round=4",
         "data.self_instruct.num_prompts=0", "generation.n=2", "generation.max_tokens=16",
         # a short context and a small KV cache (a share of host memory on CPU)
-        "generation.engine.max_model_len=512", "generation.engine.kv_cache_gib=0.25",
+        "generation.engine.max_model_len=1024", "generation.engine.kv_cache_gib=0.25",
         "eval.every=0", "cluster=ray_job", f"run_dir={run_dir}",
     ]  # fmt: skip
     cfg = compose_config(user)

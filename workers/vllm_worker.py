@@ -207,10 +207,19 @@ class VLLMWorker:
             return encode(self.tokenizer, as_messages(prompt), assistant_prefix=assistant_prefix)
         return encode_text(self.tokenizer, prompt, assistant_prefix=assistant_prefix)
 
+    def _room(self, max_new: int) -> int:
+        """Prompt tokens that leave ``max_new`` tokens of the context for the reply."""
+        return int(self.engine_cfg.get("max_model_len", 2048)) - max_new
+
     def _clip(self, ids: list[int], max_new: int) -> list[int]:
         # Keep the tail: the instruction at the end of a long prompt matters most to the answer.
-        limit = int(self.engine_cfg.get("max_model_len", 2048)) - max_new
+        # (Judge prompts are fitted by cutting the response instead, before they get here.)
+        limit = self._room(max_new)
         return ids[-limit:] if len(ids) > limit else ids
+
+    def fits(self, prompt: Messages | str, assistant_prefix: str, max_new: int) -> bool:
+        """Whether the chat prompt, with ``max_new`` tokens to answer, fits the engine's context."""
+        return len(self._token_ids(prompt, True, assistant_prefix)) <= self._room(max_new)
 
     # -- coarse methods -----------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> list[Completion]:
@@ -252,13 +261,33 @@ class VLLMWorker:
             ids[choice] = found
         return ids
 
+    def _space_token(self, choices: list[str]) -> int | None:
+        """The space token, where this tokenizer writes a space before some choice as a token of
+        its own (SmolLM2, Llama 3 and Qwen write "Score: 5" as "Score", ":", " ", "5"); else None."""
+        space = self.tokenizer.encode(" ", add_special_tokens=False)
+        if len(space) != 1:
+            return None
+        apart = any(
+            self.tokenizer.encode(" " + c, add_special_tokens=False) == space + self.tokenizer.encode(c, add_special_tokens=False)
+            for c in choices
+        )
+        return space[0] if apart else None
+
     def choice_probs(
         self, prompts: list[Messages] | list[str], choices: list[str], assistant_prefix: str = "", chat: bool = True
     ) -> list[dict[str, float] | None]:
-        """Next-token probabilities of each choice after the prompt, renormalised over the choices.
+        """Probabilities that the reply after the prompt goes on with each choice (a single token,
+        with or without a space before it).
 
+        Where the tokenizer writes that space as a token of its own, the choice is mostly written
+        after it: P(c) = P(c) + P(" c") + P(" ") P(c | " "), read from two prompts (the second
+        one token longer; the prefix cache shares the rest). Read after the prefix alone, a digit
+        that the model would write after "Score: " got 0.3% of SmolLM2's probability.
+
+        Not renormalised: their sum is the probability the model put on the choices at all, which
+        callers report (a judge derailed by its prompt puts little there) and renormalise by.
         Chat prompts are messages or a str (one user message); ``assistant_prefix`` starts the reply.
-        None for a prompt where no choice is among the top log-probabilities.
+        None for a prompt where no choice has any probability.
         """
         import math
 
@@ -266,21 +295,37 @@ class VLLMWorker:
 
         self._ready()
         choice_ids = self._choice_token_ids(choices)
-        wanted = sorted({t for ids in choice_ids.values() for t in ids})
-        # Exact log-probabilities of the choice tokens, wherever they rank.
+        space = self._space_token(choices)
+        wanted = sorted({t for ids in choice_ids.values() for t in ids} | ({space} if space is not None else set()))
+        # Exact log-probabilities of the wanted tokens, wherever they rank.
         params = SamplingParams(max_tokens=1, temperature=1.0, logprobs=len(wanted), logprob_token_ids=wanted)
-        inputs = [
-            {"prompt_token_ids": self._clip(self._token_ids(p, chat, assistant_prefix), 1)} for p in prompts
-        ]
-        outputs = self.llm.generate(inputs, params, use_tqdm=True)
-        result: list[dict[str, float] | None] = []
-        for out in outputs:
+        firsts = [self._token_ids(p, chat, assistant_prefix) for p in prompts]
+        seconds = [self._clip(ids + [space], 1) for ids in firsts] if space is not None else []
+        firsts = [self._clip(ids, 1) for ids in firsts]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in firsts + seconds], params, use_tqdm=True)
+
+        def next_probs(out: Any) -> dict[int, float]:
             top = out.outputs[0].logprobs[0] if out.outputs[0].logprobs else {}
-            mass = {c: sum(math.exp(top[t].logprob) for t in ids if t in top) for c, ids in choice_ids.items()}
-            total = sum(mass.values())
-            result.append({c: m / total for c, m in mass.items()} if total > 0 else None)
+            return {t: math.exp(lp.logprob) for t, lp in top.items()}
+
+        result: list[dict[str, float] | None] = []
+        for i in range(len(prompts)):
+            now = next_probs(outputs[i])
+            after_space = next_probs(outputs[len(prompts) + i]) if space is not None else {}
+            p_space = now.get(space, 0.0) if space is not None else 0.0
+            mass = {c: sum(now.get(t, 0.0) + p_space * after_space.get(t, 0.0) for t in ids) for c, ids in choice_ids.items()}
+            result.append(mass if sum(mass.values()) > 0 else None)
         return result
 
+    def rate(self, generations: list[Generation]) -> list[Judgment]:
+        """ALMA's judge: each generation's real-valued 0-10 rating, read with this engine's tokenizer
+        (orchestrator/rating.py); long responses cut to fit the context."""
+        from orchestrator import rating
+
+        room = int(self.engine_cfg.get("max_model_len", 2048)) - 1  # choice_probs decodes one token
+        return rating.rate_with(self, self.tokenizer, generations, room)
+
     def score(self, generations: list[Generation], judge_cfg: dict[str, Any]) -> list[Judgment]:
-        """Judge each generation with the Self-Rewarding prompt (see orchestrator.judging)."""
-        return judging.score_with(self, generations, judge_cfg)
+        """Judge each generation with the Self-Rewarding prompt (see orchestrator.judging), long
+        responses cut to fit this engine's context."""
+        return judging.score_with(self, generations, judge_cfg, fits=self.fits)

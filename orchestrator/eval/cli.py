@@ -21,10 +21,11 @@ import hydra
 from omegaconf import DictConfig, open_dict
 
 from orchestrator import eval as evaluation
+from orchestrator.cli import report_failures
 from orchestrator.config import CONF_DIR, to_plain, validate
 from orchestrator.controller import POLICY, Controller
 from orchestrator.data import load_prompts
-from orchestrator.errors import ConfigError, OrchestratorError
+from orchestrator.errors import ConfigError
 from orchestrator.models import resolve_model_path
 from orchestrator.report import collect, format_table
 from orchestrator.roles import core_roles
@@ -76,16 +77,12 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        with open_dict(cfg):
-            # One evaluated round, whatever eval.every says (it schedules evals in training runs).
-            cfg.rounds = 1
-            cfg.eval.every = 1
-        run(cfg)
-    except OrchestratorError as exc:
-        log.debug("failure", exc_info=True)
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    with open_dict(cfg):
+        # One evaluated round, whatever eval.every says (it schedules evals in training runs).
+        cfg.rounds = 1
+        cfg.eval.every = 1
+    # Failures and log lines with the config's secrets masked, as for ``orchestrate``.
+    report_failures(run, cfg)
 
 
 def with_defaults(args: Sequence[str]) -> list[str]:

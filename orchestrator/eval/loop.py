@@ -15,7 +15,7 @@ from orchestrator.eval.config import START
 from orchestrator.eval.plot import plot_run
 from orchestrator.eval.stage import STAGE, EvalRecord, eval_stage, summary_line
 from orchestrator.models import check_checkpoint_dir
-from orchestrator.roles import Role, vllm_role
+from orchestrator.roles import Role, endpoint_resumable, vllm_role
 from orchestrator.types import Prompt
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def roles(cfg: DictConfig) -> list[Role]:
     judge = cfg.eval.judge
     if judge.endpoint.base_url:
         return [Role(JUDGE, "endpoint", "eval.judge", to_plain(judge.resources), endpoint=to_plain(judge.endpoint),
-                     resumable=("eval.judge.resources",))]
+                     resumable=endpoint_resumable("eval.judge"))]
     engine = {**to_plain(cfg.generation.engine), **to_plain(judge.engine)}
     return [vllm_role(JUDGE, "eval.judge", cfg, engine=engine, resources=judge.resources)]
 
