@@ -1,15 +1,17 @@
-"""Preference pairs from judged generations (Self-Rewarding: highest vs lowest mean score), and
-EVOLVE's direct and refinement pairs from refinement chains (``chain_pairs``)."""
+"""Preference pairs from judged generations (Self-Rewarding: highest vs lowest mean score), EVOLVE's
+direct and refinement pairs from refinement chains (``chain_pairs``), and ALMA's best-of-N
+selection with its DPO pairs, best vs a random other response (``best_of_n``, ``best_vs_random``)."""
 
 from __future__ import annotations
 
 import dataclasses
+import random
 import statistics
 from typing import Callable, Mapping
 
 from orchestrator.chat import Messages
 from orchestrator.refine import Chain
-from orchestrator.types import Generation, Judgment, Pair, group_by_prompt
+from orchestrator.types import Demonstration, Generation, Judgment, Pair, group_by_prompt
 
 
 def best_vs_worst(generations: list[Generation], judgments: list[Judgment]) -> tuple[list[Pair], dict[str, int]]:
@@ -46,6 +48,58 @@ def best_vs_worst(generations: list[Generation], judgments: list[Judgment]) -> t
                 rejected_index=worst.index,
             )
         )
+    return pairs, dropped
+
+
+def _scored(generations: list[Generation], judgments: list[Judgment]) -> dict[str, list[tuple[float, Generation]]]:
+    """Per prompt (first-seen order), its scored generations as (score, generation); unscored ones left out."""
+    score_of = {(j.prompt_id, j.index): j.score for j in judgments}
+    out: dict[str, list[tuple[float, Generation]]] = {}
+    for prompt_id, gens in group_by_prompt(generations).items():
+        out[prompt_id] = [(s, g) for g in gens if (s := score_of.get((g.prompt_id, g.index))) is not None]
+    return out
+
+
+def best_of_n(generations: list[Generation], judgments: list[Judgment]) -> tuple[list[Demonstration], dict[str, int]]:
+    """Per prompt, its highest-scored response as a demonstration (ALMA's D_r), ``score`` and
+    ``source`` (the checkpoint that wrote it) kept. Among equal scores the earliest sample wins; a
+    blank response is never picked (it would teach the model to stop at once); a prompt with no
+    scored, non-blank response gives none. Returns the demonstrations and the dropped counts."""
+    kept, dropped = [], {"unscored": 0}
+    for prompt_id, scored in _scored(generations, judgments).items():
+        scored = [(s, g) for s, g in scored if g.text.strip()]
+        if not scored:
+            dropped["unscored"] += 1
+            continue
+        score, best = max(scored, key=lambda sg: sg[0])
+        kept.append(Demonstration(prompt_id=prompt_id, messages=best.messages, response=best.text, score=float(score),
+                                  source=best.source))
+    return kept, dropped
+
+
+def best_vs_random(
+    generations: list[Generation], judgments: list[Judgment], rng: random.Random
+) -> tuple[list[Pair], dict[str, int]]:
+    """ALMA's DPO pairs: per prompt the best response (as ``best_of_n`` picks it) chosen, and one
+    drawn at random from those scored strictly lower rejected (the paper's best construction of
+    three). A prompt whose scored responses all tie with the best, or with fewer than two scored,
+    gives no pair. ``meta`` names both responses' checkpoints."""
+    pairs, dropped = [], {"tie": 0, "too_few_scored": 0}
+    for prompt_id, scored in _scored(generations, judgments).items():
+        if len(scored) < 2:
+            dropped["too_few_scored"] += 1
+            continue
+        best_score, best = max(scored, key=lambda sg: sg[0])
+        lower = [(s, g) for s, g in scored if s < best_score]
+        if not lower:
+            dropped["tie"] += 1
+            continue
+        score, other = rng.choice(lower)
+        pairs.append(Pair(
+            prompt_id=prompt_id, messages=best.messages, chosen=best.text, rejected=other.text, chosen_score=float(best_score),
+            rejected_score=float(score), chosen_index=best.index, rejected_index=other.index,
+            meta={"chosen_source": best.source, "rejected_source": other.source},
+        ))
     return pairs, dropped
 
 

@@ -8,7 +8,7 @@ from ``orchestrator.stages``; none knows which recipe runs it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from orchestrator import eval as evaluation
 from orchestrator import plugins, stages
@@ -69,8 +69,9 @@ def self_rewarding_pairs(rnd: Round, pool: list[Prompt]) -> tuple[list[Pair], li
     return pairs(rnd, gens, judgments(rnd, gens)), gens
 
 
-def finish(rnd: Round, generations: list[Generation]) -> None:
-    """The round's artifacts (pairs, a sample of generations) and, when due, its eval."""
+def finish(rnd: Round, generations: list[Generation], artifacts: Sequence[str] = ("pairs", "train_pairs")) -> None:
+    """The round's artifacts (the stage files named in ``artifacts``, a sample of generations) and,
+    when due, its eval."""
     ctl = rnd.ctl
-    ctl.log_round_artifacts(rnd, ["pairs", "train_pairs"], generations[: int(ctl.cfg.tracking.sample_generations)])
+    ctl.log_round_artifacts(rnd, list(artifacts), generations[: int(ctl.cfg.tracking.sample_generations)])
     evaluation.evaluate(rnd)

@@ -250,3 +250,64 @@ def test_multi_turn_pairs_train(base, worker, tmp_path):
     result = worker.train(pairs, base, out, make_cfg(batch_size=4), seed=2)
     check_result(result, out, 4, 4)
     assert "train/dropped_pairs" not in result["metrics"]
+
+
+# -- SFT mode (ALMA) ------------------------------------------------------------------------------
+def make_demos(n: int = 6) -> list[dict]:
+    return [
+        {"prompt_id": f"d{i}", "messages": chat.user(f"What is {i} plus {i}?"), "response": f"The answer is {2 * i}."}
+        for i in range(n)
+    ]
+
+
+def reply_nll(path: str, demos: list[dict]) -> float:
+    """Mean token NLL of the replies (and their end of turn) under the checkpoint at ``path``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    total, count = 0.0, 0
+    for d in demos:
+        prompt_ids, reply_ids = chat.encode_pair(tok, d["messages"], d["response"])
+        ids = torch.tensor([prompt_ids + reply_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+        targets = ids[0, 1:]
+        token_logp = logp.gather(1, targets[:, None])[:, 0][len(prompt_ids) - 1:]
+        total, count = total - token_logp.sum().item(), count + len(reply_ids)
+    return total / count
+
+
+def test_sft_trains_on_the_replies_and_saves_a_checkpoint(base, worker, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = str(tmp_path / "sft")
+    demos = make_demos(6)
+    # 6 examples, batch 4 (2 x 2): a ragged last batch, 2 steps per epoch, 2 epochs
+    result = worker.sft(demos, base, out, make_cfg(epochs=2), seed=3)
+    assert result["checkpoint"] == out and result["num_pairs"] == 6 and result["steps"] == 4
+    m = result["metrics"]
+    assert m["train/examples"] == 6 and m["train/examples_per_s"] > 0 and "train/dropped_examples" not in m
+    assert math.isfinite(m["train/loss"]) and 0 <= m["train/mean_token_accuracy"] <= 1
+    assert m["train/dropout.attention_dropout"] == 0.1 and m["train/lr_last"] < m["train/lr_first"]
+    # only the reply tokens are trained: "The answer is N." plus the template's end of turn
+    tok = AutoTokenizer.from_pretrained(base)
+    assert m["train/reply_tokens_mean"] == pytest.approx(
+        sum(len(chat.encode_pair(tok, d["messages"], d["response"])[1]) for d in demos) / 6)
+    check_checkpoint(out, base)
+    assert reply_nll(out, demos) < reply_nll(base, demos) - 0.5  # the replies became much more likely
+
+
+def test_sft_lora_and_its_errors(base, worker, tmp_path):
+    out = str(tmp_path / "lora")
+    result = worker.sft(make_demos(4), base, out, make_cfg(method="lora", batch_size=4, micro_batch_size=4), seed=0)
+    assert result["steps"] == 1 and weights(out).keys() == weights(base).keys()
+    bad = str(tmp_path / "bad")
+    with pytest.raises(ValueError, match="no demonstrations to train on"):
+        worker.sft([], base, bad, make_cfg())
+    with pytest.raises(ValueError, match=r"demonstration 1 \(d1\): a demonstration needs a non-empty \"response\""):
+        worker.sft([make_demos(2)[0], {**make_demos(2)[1], "response": " "}], base, bad, make_cfg())
+    incomplete = make_cfg()
+    del incomplete["epochs"]
+    with pytest.raises(KeyError, match="train.epochs missing"):
+        worker.sft(make_demos(2), base, bad, incomplete)
+    assert not os.path.exists(bad)

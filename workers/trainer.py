@@ -1,4 +1,5 @@
-"""DPO training as a Ray actor: one round's preference pairs -> a new full checkpoint.
+"""Training as a Ray actor: DPO on preference pairs (``train``) or supervised fine-tuning on
+demonstrations (``sft``, ALMA's best-of-N SFT and its judge) -> a new full checkpoint.
 
 The class is plain Python; the controller wraps it with ``ray.remote`` (importing this module has no
 Ray side effects, and torch / transformers / TRL are imported lazily inside the methods).
@@ -25,6 +26,13 @@ What ``TrainerWorker.train`` does (Self-Rewarding spec, algorithms.md 1.3/1.4):
 * the result (LoRA merged with ``merge_and_unload``) is saved as a complete HF checkpoint in
   ``output_dir``: safetensors in ``save_dtype``, config, generation_config and the tokenizer with its
   chat template. Nothing else is written there; TRL's own scratch output goes to a temp dir.
+
+What ``TrainerWorker.sft`` does: TRL ``SFTTrainer`` (token-mean NLL) on ``Demonstration`` records,
+each tokenized with ``orchestrator.chat.encode_pair`` (prompt ids as the sampler's, the reply ending
+with the template's end of turn) and trained on the reply tokens only (the prompt's labels are
+-100). The same ``train`` section keys as DPO (learning rate and schedule, batch sizes, epochs,
+dropout, LoRA, max_length, save dtype; beta and loss are not read); the same model loading,
+dropout handling and checkpoint saving as ``train``.
 """
 
 from __future__ import annotations
@@ -35,11 +43,12 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.chat import encode_pair
 from orchestrator.section import Section
-from orchestrator.types import Pair, TrainResult
+from orchestrator.types import Demonstration, Pair, TrainResult
 from workers.cores import CoreWorker, run_args, use_cores
 
 log = logging.getLogger(__name__)
@@ -74,6 +83,9 @@ METRIC_NAMES = {
     "grad_norm": "train/grad_norm",
     "pair_epsilon": "train/pair_epsilon",
     "nll_chosen": "train/nll_chosen",
+    # SFT (TRL's SFTTrainer logs these)
+    "mean_token_accuracy": "train/mean_token_accuracy",
+    "entropy": "train/entropy",
 }
 
 METHODS = ("full", "lora")
@@ -111,6 +123,19 @@ def _validate(pairs: list[dict[str, Any]]) -> None:
             raise ValueError(f"pair {i} ({p.get('prompt_id')}): weight must be finite and >= 0, got {w}")
         if not (0.0 <= eps <= 0.5):
             raise ValueError(f"pair {i} ({p.get('prompt_id')}): epsilon must lie in [0, 0.5], got {eps}")
+
+
+def _validate_demonstrations(examples: list[dict[str, Any]]) -> list[Demonstration]:
+    """The SFT examples as records, checked where they arrive."""
+    if not examples:
+        raise ValueError("no demonstrations to train on")
+    out = []
+    for i, e in enumerate(examples):
+        try:
+            out.append(Demonstration.from_dict(e))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"demonstration {i} ({e.get('prompt_id')}): {exc}") from None
+    return out
 
 
 def _set_dropout(config: Any, p: float) -> dict[str, float]:
@@ -318,6 +343,97 @@ def _summarize(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+@dataclass
+class _Loaded:
+    """A base checkpoint loaded for training, and what its config looked like before (restored on save)."""
+
+    model: Any
+    tokenizer: Any
+    config: Any
+    pad_token_id: Any
+    use_cache: Any
+    dropout: dict[str, float]
+
+
+def _load(base_checkpoint: str, dropout: float, what: str) -> _Loaded:
+    """The base as a float32 causal LM in eval mode, dropout set to ``dropout``; its tokenizer must
+    have a chat template (``what`` trains on chat-formatted examples)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_checkpoint)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer at {base_checkpoint} has no chat template; {what}")
+    config = AutoConfig.from_pretrained(base_checkpoint)
+    pad_token_id, use_cache = getattr(config, "pad_token_id", None), getattr(config, "use_cache", None)
+    original_dropout = _set_dropout(config, dropout)
+    model = AutoModelForCausalLM.from_pretrained(base_checkpoint, config=config, dtype=torch.float32)
+    model.eval()
+    return _Loaded(model, tokenizer, config, pad_token_id, use_cache, original_dropout)
+
+
+def _peft_config(cfg: Section) -> Any:
+    """LoRA settings for ``train.method=lora``, else None."""
+    if cfg["method"] != "lora":
+        return None
+    from peft import LoraConfig
+
+    lora = cfg.sub("lora")
+    return LoraConfig(
+        r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+        target_modules=lora["target_modules"], task_type="CAUSAL_LM",
+    )
+
+
+def _schedule_args(cfg: Section, seed: int) -> dict[str, Any]:
+    """The TrainingArguments DPO and SFT share: optimiser schedule, batches, epochs, precision, run_args."""
+    import torch
+
+    batch_size, micro = _batch_sizes(cfg)
+    scheduler = cfg["lr_scheduler"]
+    return dict(
+        learning_rate=float(cfg["learning_rate"]),
+        lr_scheduler_type=scheduler,
+        lr_scheduler_kwargs={"min_lr_rate": float(cfg["min_lr_ratio"])} if scheduler == "cosine_with_min_lr" else {},
+        warmup_steps=0,
+        weight_decay=0.0,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=batch_size // micro,
+        num_train_epochs=int(cfg["epochs"]),
+        max_length=int(cfg["max_length"]) if cfg["max_length"] else None,
+        bf16=bool(cfg["bf16"]),
+        gradient_checkpointing=bool(cfg["gradient_checkpointing"]),
+        **run_args(seed, torch.cuda.is_available()),
+    )
+
+
+def _save_trained(trained: Any, loaded: _Loaded, base_checkpoint: str, output_dir: str, save_dtype: str) -> float:
+    """Save the trained model (LoRA already merged) with the base config as it was (dropout, pad id,
+    use_cache restored) and the base's generation config, in ``save_dtype``; returns the seconds."""
+    import torch
+    from transformers import GenerationConfig
+
+    t0 = time.perf_counter()
+    for name, value in loaded.dropout.items():
+        setattr(trained.config, name, value)
+    trained.config.pad_token_id = loaded.pad_token_id
+    if loaded.use_cache is not None:
+        trained.config.use_cache = loaded.use_cache
+    try:
+        trained.generation_config = GenerationConfig.from_pretrained(base_checkpoint)
+    except OSError:
+        pass  # the base had none; keep the one the model was built with
+    if save_dtype == "auto":
+        save_dtype = str(getattr(loaded.config, "dtype", None) or "float32").replace("torch.", "")
+    save_checkpoint(trained.to(getattr(torch, save_dtype)), base_checkpoint, output_dir)
+    return time.perf_counter() - t0
+
+
+def _unwrap(trainer: Any, method: str) -> Any:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return model.merge_and_unload() if method == "lora" else model
+
+
 class TrainerWorker(CoreWorker):
     def train(
         self,
@@ -337,71 +453,33 @@ class TrainerWorker(CoreWorker):
         if cfg["threads"]:
             self.threads = use_cores(cfg["threads"])
 
-        import torch
         import transformers
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
         from trl import DPOConfig
 
         method = cfg["method"]
-        batch_size, micro = _batch_sizes(cfg)
+        _, micro = _batch_sizes(cfg)
         epochs = int(cfg["epochs"])
         dropout = float(cfg["dropout"])
         loss = cfg["loss"]
         weighted = loss == "upo" or _needs_weighted(pairs)
         nll_weight = float(cfg.sub("upo")["nll_weight"]) if loss == "upo" else 0.0
+        peft_config = _peft_config(cfg)
+        save_dtype = str(cfg["save_dtype"])
 
         transformers.set_seed(seed)
-        tokenizer = AutoTokenizer.from_pretrained(base_checkpoint)
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                f"tokenizer at {base_checkpoint} has no chat template; DPO trains on chat-formatted pairs"
-            )
-        config = AutoConfig.from_pretrained(base_checkpoint)
-        original_pad_id = getattr(config, "pad_token_id", None)
-        original_use_cache = getattr(config, "use_cache", None)
-        original_dropout = _set_dropout(config, dropout)
-        model = AutoModelForCausalLM.from_pretrained(base_checkpoint, config=config, dtype=torch.float32)
-        model.eval()  # the reference log-probs are precomputed before training: no dropout there
-
-        peft_config = None
-        if method == "lora":
-            from peft import LoraConfig
-
-            lora = cfg.sub("lora")
-            peft_config = LoraConfig(
-                r=int(lora["r"]),
-                lora_alpha=int(lora["alpha"]),
-                lora_dropout=float(lora["dropout"]),
-                target_modules=lora["target_modules"],
-                task_type="CAUSAL_LM",
-            )
-
-        scheduler = cfg["lr_scheduler"]
-        scheduler_kwargs = {}
-        if scheduler == "cosine_with_min_lr":
-            scheduler_kwargs["min_lr_rate"] = float(cfg["min_lr_ratio"])
-        use_cuda = torch.cuda.is_available()
+        # eval mode: the reference log-probs are precomputed before training, without dropout
+        loaded = _load(base_checkpoint, dropout, "DPO trains on chat-formatted pairs")
+        tokenizer = loaded.tokenizer
 
         with tempfile.TemporaryDirectory(prefix="dpo-scratch-") as scratch:
             args = DPOConfig(
                 output_dir=scratch,
                 loss_type=[LOSSES[loss]],
                 beta=float(cfg["beta"]),
-                learning_rate=float(cfg["learning_rate"]),
-                lr_scheduler_type=scheduler,
-                lr_scheduler_kwargs=scheduler_kwargs,
-                warmup_steps=0,
-                weight_decay=0.0,
-                per_device_train_batch_size=micro,
-                gradient_accumulation_steps=batch_size // micro,
-                num_train_epochs=epochs,
-                max_length=int(cfg["max_length"]) if cfg["max_length"] else None,
                 precompute_ref_log_probs=True,
                 precompute_ref_batch_size=micro,
                 disable_dropout=dropout == 0.0,
-                bf16=bool(cfg["bf16"]),
-                gradient_checkpointing=bool(cfg["gradient_checkpointing"]),
-                **run_args(seed, use_cuda),
+                **_schedule_args(cfg, seed),
             )
             plain_cls, weighted_cls, collator_cls = _make_trainer_classes()
             trainer_cls, collator, extra = plain_cls, None, {}
@@ -411,7 +489,7 @@ class TrainerWorker(CoreWorker):
                 collator = collator_cls(pad_token_id=pad_id, max_length=args.max_length)
             t_train = time.perf_counter()
             trainer = trainer_cls(
-                model=model,
+                model=loaded.model,
                 args=args,
                 data_collator=collator,
                 train_dataset=_dataset(pairs, weighted),
@@ -424,31 +502,13 @@ class TrainerWorker(CoreWorker):
             steps = int(trainer.state.global_step)
             trained_pairs = len(trainer.train_dataset)
             metrics = _summarize(trainer.state.log_history)
-
-            model = trainer.accelerator.unwrap_model(trainer.model)
-            if method == "lora":
-                model = model.merge_and_unload()
+            model = _unwrap(trainer, method)
             del trainer
             gc.collect()
 
-        # Save: the base config as it was (dropout / pad id restored), weights in save_dtype.
-        t_save = time.perf_counter()
-        for name, value in original_dropout.items():
-            setattr(model.config, name, value)
-        model.config.pad_token_id = original_pad_id
-        if original_use_cache is not None:
-            model.config.use_cache = original_use_cache
-        try:
-            model.generation_config = GenerationConfig.from_pretrained(base_checkpoint)
-        except OSError:
-            pass  # the base had none; keep the one the model was built with
-        save_dtype = str(cfg["save_dtype"])
-        if save_dtype == "auto":
-            save_dtype = str(getattr(config, "dtype", None) or "float32").replace("torch.", "")
-        model = model.to(getattr(torch, save_dtype))
-        save_checkpoint(model, base_checkpoint, output_dir)
-        save_s = time.perf_counter() - t_save
-        del model
+        save_s = _save_trained(model, loaded, base_checkpoint, output_dir, save_dtype)
+        dropout_names = list(loaded.dropout)
+        del model, loaded
         gc.collect()
 
         metrics.update(
@@ -462,7 +522,7 @@ class TrainerWorker(CoreWorker):
         )
         if trained_pairs != len(pairs):
             metrics["train/dropped_pairs"] = float(len(pairs) - trained_pairs)
-        for name in original_dropout:
+        for name in dropout_names:
             metrics[f"train/dropout.{name}"] = dropout
         if weighted:
             metrics["train/pair_weight_mean"] = sum(float(p.get("weight", 1.0)) for p in pairs) / len(pairs)
@@ -478,3 +538,84 @@ class TrainerWorker(CoreWorker):
         return TrainResult(
             checkpoint=output_dir, num_pairs=len(pairs), steps=steps, wall_s=wall_s, metrics=metrics
         ).to_dict()
+
+    def sft(
+        self,
+        examples: list[dict[str, Any]],
+        base_checkpoint: str,
+        output_dir: str,
+        cfg: dict[str, Any],
+        seed: int = 0,
+    ) -> dict[str, Any]:
+        """Supervised fine-tuning of ``base_checkpoint`` on ``examples`` (``Demonstration`` dicts: the
+        reply ``response`` to the prompt ``messages``), the loss on the reply tokens only; save to
+        ``output_dir``. ``cfg``: the ``train`` section's keys (beta and loss are not read).
+
+        Returns ``TrainResult(...).to_dict()`` (``num_pairs`` counts the examples).
+        """
+        t_start = time.perf_counter()
+        cfg = Section("train", cfg)
+        demos = _validate_demonstrations(examples)
+        if cfg["threads"]:
+            self.threads = use_cores(cfg["threads"])
+
+        import transformers
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        method = cfg["method"]
+        epochs = int(cfg["epochs"])
+        dropout = float(cfg["dropout"])
+        peft_config = _peft_config(cfg)
+        save_dtype = str(cfg["save_dtype"])
+
+        transformers.set_seed(seed)
+        loaded = _load(base_checkpoint, dropout, "SFT trains on chat-formatted demonstrations")
+        rows = []
+        for d in demos:
+            # The sampler's prompt ids (chat.encode_pair); the loss only on the reply and its end of turn.
+            prompt_ids, reply_ids = encode_pair(loaded.tokenizer, d.messages, d.response)
+            rows.append({"input_ids": prompt_ids + reply_ids, "labels": [-100] * len(prompt_ids) + reply_ids})
+
+        with tempfile.TemporaryDirectory(prefix="sft-scratch-") as scratch:
+            # Pre-tokenized rows with labels: TRL keeps them as they are, truncates to max_length
+            # (keep_start) and drops rows left without a reply token.
+            args = SFTConfig(output_dir=scratch, packing=False, **_schedule_args(cfg, seed))
+            t_train = time.perf_counter()
+            trainer = SFTTrainer(
+                model=loaded.model, args=args, train_dataset=Dataset.from_list(rows),
+                processing_class=loaded.tokenizer, peft_config=peft_config,
+            )
+            trainer.train()
+            train_s = time.perf_counter() - t_train
+            steps = int(trainer.state.global_step)
+            trained = len(trainer.train_dataset)
+            metrics = _summarize(trainer.state.log_history)
+            model = _unwrap(trainer, method)
+            del trainer
+            gc.collect()
+
+        save_s = _save_trained(model, loaded, base_checkpoint, output_dir, save_dtype)
+        dropout_names = list(loaded.dropout)
+        del model, loaded
+        gc.collect()
+
+        metrics.update({
+            "train/examples": float(len(demos)),
+            "train/examples_per_s": len(demos) * epochs / train_s if train_s > 0 else 0.0,
+            "train/reply_tokens_mean": sum(sum(1 for t in r["labels"] if t != -100) for r in rows) / len(rows),
+            "train/train_s": train_s,
+            "train/save_s": save_s,
+            "train/threads": float(self.threads),
+        })
+        if trained != len(demos):
+            metrics["train/dropped_examples"] = float(len(demos) - trained)
+        for name in dropout_names:
+            metrics[f"train/dropout.{name}"] = dropout
+        wall_s = time.perf_counter() - t_start
+        log.info(
+            "SFT (%s) on %d examples: %d steps in %.1fs (%.2f examples/s), loss %.4f -> %s",
+            method, len(demos), steps, train_s, metrics["train/examples_per_s"], metrics.get("train/loss", float("nan")),
+            output_dir,
+        )
+        return TrainResult(checkpoint=output_dir, num_pairs=len(demos), steps=steps, wall_s=wall_s, metrics=metrics).to_dict()

@@ -6,6 +6,12 @@ held out to measure whether rounds improved the policy and is never used for tra
 one ``{"id", "prompt", "category"}`` object per line (``load_prompts`` also reads chat
 ``"messages"``), six categories (writing, advice, coding, maths, facts, reasoning) interleaved so
 that any prefix is balanced.
+
+ALMA's human seed, written for this project (none of its prompts is in the sets above):
+``alma_sft_seed.jsonl``, 40 SFT demonstrations ``{"id", "prompt", "response", "category"}`` (D1;
+the paper has 5k), and ``alma_seed_ratings.jsonl``, 96 rated responses ``{"id", "prompt",
+"response", "rating"}`` (48 prompts x 2 responses, integer ratings 0-10 on the paper's guideline;
+the paper has 4k). ``load_demonstrations`` reads both and any user file of the same form.
 """
 
 from __future__ import annotations
@@ -16,11 +22,14 @@ from pathlib import Path
 from orchestrator import chat
 from orchestrator.errors import ConfigError
 from orchestrator.store import parse_jsonl
-from orchestrator.types import Prompt
+from orchestrator.types import Demonstration, Prompt
 
 SEED_FILE = "seed_prompts.jsonl"
 EVAL_FILE = "eval_prompts.jsonl"
 DEV_FILE = "dev_prompts.jsonl"
+ALMA_SFT_SEED_FILE = "alma_sft_seed.jsonl"
+ALMA_SEED_RATINGS_FILE = "alma_seed_ratings.jsonl"
+MAX_RATING = 10
 
 
 def _package_file(name: str) -> Path:
@@ -48,6 +57,40 @@ def dev_prompts_path() -> Path:
     """The development prompt set shipped in the package: ExPO's alpha is chosen on it (never
     trained or evaluated on)."""
     return _package_file(DEV_FILE)
+
+
+def alma_sft_seed_path() -> Path:
+    """ALMA's SFT seed shipped in the package (40 demonstrations)."""
+    return _package_file(ALMA_SFT_SEED_FILE)
+
+
+def alma_seed_ratings_path() -> Path:
+    """ALMA's judge seed shipped in the package (96 responses rated 0-10)."""
+    return _package_file(ALMA_SEED_RATINGS_FILE)
+
+
+def load_demonstrations(path: str | Path, *, what: str, rated: bool = False) -> list[Demonstration]:
+    """Replies to prompts from a JSONL file: each line a prompt as ``load_prompts`` reads it
+    (``"prompt"`` or ``"messages"``, optional ``"id"``) plus a non-empty ``"response"`` string and,
+    with ``rated``, a ``"rating"``: a whole number 0-10 (the record's ``score``). Any problem raises
+    :class:`ConfigError` with one line naming ``what``, the path, the line and the problem."""
+    file = Path(path).expanduser()
+    prompts = load_prompts(file, what=what, source="seed")  # checks the file, the prompts and the ids
+    rows = list(parse_jsonl(file.read_text(encoding="utf-8").splitlines()))
+    out = []
+    for prompt, (lineno, obj) in zip(prompts, rows, strict=True):
+        where = f"{what}={file}: line {lineno}"
+        response = obj.get("response")
+        if not isinstance(response, str) or not response.strip():
+            raise ConfigError(f"{where} has no non-empty \"response\" string")
+        rating = None
+        if rated:
+            rating = obj.get("rating")
+            if isinstance(rating, bool) or not isinstance(rating, (int, float)) or rating != int(rating) or not 0 <= rating <= MAX_RATING:
+                raise ConfigError(f"{where} has \"rating\" {rating!r}; want a whole number from 0 to {MAX_RATING}")
+            rating = float(rating)
+        out.append(Demonstration(prompt_id=prompt.id, messages=prompt.messages, response=response, score=rating, source="seed"))
+    return out
 
 
 def load_prompts(path: str | Path | None, *, what: str = "data.prompts", source: str | None = None) -> list[Prompt]:
@@ -128,4 +171,7 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-__all__ = ["dev_prompts_path", "eval_prompts_path", "load_prompts", "seed_prompts_path"]
+__all__ = [
+    "alma_seed_ratings_path", "alma_sft_seed_path", "dev_prompts_path", "eval_prompts_path", "load_demonstrations", "load_prompts",
+    "seed_prompts_path",
+]
