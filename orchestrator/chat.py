@@ -91,6 +91,22 @@ _OPEN, _CLOSE = "\ue000", "\ue001"
 _PLACEHOLDER = re.compile(f"{_OPEN}([0-9]+){_CLOSE}")
 
 
+# The shapes special tokens commonly take in text (ChatML / Llama-3 ``<|...|>``, ``<s>``, ``</s>``,
+# ``[INST]``): for text that goes where no tokenizer of ours is (an OpenAI-compatible server).
+SPECIAL_LIKE = re.compile(r"<\|[^<>|\s]{1,64}\|>|</?s>|\[/?INST\]")
+_WORD_JOINER = "\u2060"
+
+
+def defuse_special_text(text: str) -> str:
+    """``text`` with each special-token-like string broken by an invisible word joiner after its first
+    character, so a server that applies its own chat template cannot read it as a control token."""
+    return SPECIAL_LIKE.sub(lambda m: m.group(0)[0] + _WORD_JOINER + m.group(0)[1:], text)
+
+
+def defuse_messages(messages: Messages) -> Messages:
+    return [{**m, "content": defuse_special_text(m["content"])} for m in messages]
+
+
 def control_tokens(tokenizer: Any) -> dict[str, int]:
     """The tokenizer's control tokens, text -> id: its special tokens (added tokens marked special).
 

@@ -75,7 +75,6 @@ _SCORE_LIKE = re.compile(
 SCORE_REDACTED = "[score removed]"
 # Special-token shapes of common chat formats (ChatML and Llama 3's <|...|>, <s>, </s>, [INST]):
 # counted here; the tokenizer's exact list is what orchestrator.chat keeps from becoming control.
-_SPECIAL_LIKE = re.compile(r"<\|[^<>|\s]{1,64}\|>|</?s>|\[/?INST\]")
 # Where a response too long for the judge's context is cut.
 TRUNCATED = "\n[... truncated]"
 
@@ -137,7 +136,7 @@ def fitted_prompt(messages: Messages, response: str, fits: Callable[[str], bool]
 
 def injection_metrics(generations: list[Generation]) -> dict[str, float]:
     """How many responses write what could steer their judge: score labels, the judge's tags, special tokens."""
-    kinds = {"score_text": _SCORE_LIKE, "judge_tags": _TAG, "special_tokens": _SPECIAL_LIKE}
+    kinds = {"score_text": _SCORE_LIKE, "judge_tags": _TAG, "special_tokens": chat.SPECIAL_LIKE}
     return {
         f"judge/responses_with_{kind}": float(sum(1 for g in generations if pattern.search(g.text)))
         for kind, pattern in kinds.items()

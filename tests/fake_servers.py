@@ -69,7 +69,7 @@ class FlakyServer:
                 with owner.lock:
                     n = owner.counts[case]
                     owner.counts[case] += 1
-                    owner.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "case": case})
+                    owner.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "case": case, "text": text})
                 script = owner.SCRIPT[case]
                 action, arg = script[n] if n < len(script) else ("ok", None)
                 try:

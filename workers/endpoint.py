@@ -30,7 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 
 from orchestrator import judging
-from orchestrator.chat import Messages, as_messages
+from orchestrator.chat import Messages, as_messages, defuse_messages, defuse_special_text
 from orchestrator.errors import OrchestratorError
 from orchestrator.redact import redact_text
 from orchestrator.section import Section
@@ -198,7 +198,9 @@ class EndpointWorker:
         return out
 
     def _messages(self, prompt: Messages | str, assistant_prefix: str = "") -> tuple[Messages, dict[str, Any]]:
-        messages = as_messages(prompt)
+        # The server renders its own chat template from text: special-token strings a model wrote
+        # must not become its control tokens (a forged turn), so they are defused here.
+        messages = defuse_messages(as_messages(prompt))
         if not assistant_prefix:
             return messages, {}
         # vLLM's server continues a final assistant message, which makes the prefix a real prefill.
@@ -222,10 +224,10 @@ class EndpointWorker:
 
         def one(prompt: Messages | str) -> Completion:
             if request.chat:
-                body: dict[str, Any] = {"messages": prompt}
+                body: dict[str, Any] = {"messages": self._messages(prompt)[0]}
                 path = "/chat/completions"
             else:
-                body = {"prompt": prompt}
+                body = {"prompt": defuse_special_text(prompt)}
                 path = "/completions"
             body.update(
                 model=self.model, n=request.n, temperature=request.temperature, top_p=request.top_p,
