@@ -70,7 +70,7 @@ def test_endpoint_generate_choice_probs_and_score(server):
     assert len(probs) == 2
     for p in probs:
         if p is not None:  # a random model may put no digit in its top 20
-            assert sum(p.values()) == pytest.approx(1.0)
+            assert 0.0 < sum(p.values()) <= 1.0 + 1e-9  # the judge's mass on the digits, not renormalised
 
     gens = [Generation(prompt_id="p", messages=chat.user("hello"), index=i, text=f"answer {i}", num_tokens=2) for i in range(2)]
     judgments = worker.score(gens, section("judge", mode="text", samples=2, max_tokens=8))

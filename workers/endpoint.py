@@ -243,8 +243,10 @@ class EndpointWorker:
     def choice_probs(
         self, prompts: list[Messages] | list[str], choices: list[str], assistant_prefix: str = "", chat: bool = True
     ) -> list[dict[str, float] | None]:
-        """As ``VLLMWorker.choice_probs``, from the server's top-20 log-probabilities; None for a
-        prompt where no choice is among them, or whose request fails for good."""
+        """As ``VLLMWorker.choice_probs`` (not renormalised: the sum is the judge's mass on the
+        choices), from the server's top-20 log-probabilities, so a lower bound of it; None for a
+        prompt where no choice is among them, or whose request fails for good. A token that is a
+        space and then the choice counts (" 5"); a space written as a token of its own does not."""
 
         def read(data: Any) -> dict[str, float] | None:
             content = (data["choices"][0].get("logprobs") or {}).get("content") or []
@@ -255,8 +257,7 @@ class EndpointWorker:
                 token = entry["token"].strip()
                 if token in mass:
                     mass[token] += math.exp(entry["logprob"])
-            total = sum(mass.values())
-            return {c: m / total for c, m in mass.items()} if total > 0 else None
+            return mass if sum(mass.values()) > 0 else None
 
         def one(prompt: Messages | str) -> dict[str, float] | None:
             messages, extra = self._messages(prompt, assistant_prefix)

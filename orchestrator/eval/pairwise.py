@@ -2,7 +2,7 @@
 
 The judge sees an AlpacaEval-like comparison prompt (instruction, Output (a), Output (b)) and the
 assistant turn is pre-filled with ``Output (``, so the next token is the verdict; the worker's
-``choice_probs`` returns P(a) and P(b) renormalised over the two choices (one decoding step,
+``choice_probs`` returns P(a) and P(b), renormalised here over the two choices (one decoding step,
 always parseable unless neither letter is among the top log-probabilities).
 
 Every pair is judged in both orders (model as (a), then model as (b)) to cancel position bias:
