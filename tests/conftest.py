@@ -4,8 +4,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from orchestrator.controller import Controller
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -87,22 +91,28 @@ def write_checkpoint(out: Path, value: float = 0.0) -> dict[str, float]:
     return {"fake/value": float(value)}
 
 
-@pytest.fixture
-def local_controller(tmp_path, tiny_checkpoint):
-    """``make(*overrides)``: a Controller over a fresh run dir with a real MLflow sqlite store and no
-    Ray; tests attach in-process workers with ``ctl.workers.attach``."""
+def make_controller(model_path: str, run_dir: Path, *overrides: str) -> "Controller":
+    """A Controller over ``run_dir`` with a real MLflow sqlite store and no Ray, ready for rounds."""
     from confs import composed
 
     from orchestrator.controller import Controller
     from orchestrator.recipes import get_recipe
 
+    cfg = composed(["model=local", f"model.path={model_path}", f"run_dir={run_dir}", *overrides])
+    ctl = Controller(cfg, get_recipe(cfg.recipe).roles(cfg))
+    ctl.preflight()
+    ctl.open_store()
+    ctl.start_tracking()
+    return ctl
+
+
+@pytest.fixture
+def local_controller(tmp_path, tiny_checkpoint):
+    """``make(*overrides)``: ``make_controller`` on the tiny model over a fresh run dir; tests attach
+    in-process workers with ``ctl.workers.attach``."""
+
     def make(*overrides: str, run_dir: Path | None = None) -> "Controller":
-        cfg = composed(["model=local", f"model.path={tiny_checkpoint}", f"run_dir={run_dir or tmp_path / 'run'}", *overrides])
-        ctl = Controller(cfg, get_recipe(cfg.recipe).roles(cfg))
-        ctl.preflight()
-        ctl.open_store()
-        ctl.start_tracking()
-        return ctl
+        return make_controller(tiny_checkpoint, run_dir or tmp_path / "run", *overrides)
 
     return make
 

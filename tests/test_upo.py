@@ -21,6 +21,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from conftest import make_controller  # noqa: E402
 from planted import flipped_share, planted_pairs, random_keep  # noqa: E402
 
 from orchestrator import plugins  # noqa: E402
@@ -60,20 +61,10 @@ def planted() -> list[Pair]:
 
 @pytest.fixture(scope="module")
 def filtered(tmp_path_factory, planted, tiny_checkpoint) -> tuple[list[Pair], Round]:
-    from confs import composed
-
-    from orchestrator.controller import Controller
-    from orchestrator.recipes import get_recipe
-
     run_dir = tmp_path_factory.mktemp("upo") / "run"
 
-    def make(*overrides: str) -> Controller:
-        cfg = composed(["model=local", f"model.path={tiny_checkpoint}", f"run_dir={run_dir}", *overrides])
-        ctl = Controller(cfg, get_recipe(cfg.recipe).roles(cfg))
-        ctl.preflight()
-        ctl.open_store()
-        ctl.start_tracking()
-        return ctl
+    def make(*overrides: str):
+        return make_controller(tiny_checkpoint, run_dir, *overrides)
 
     return run_filter(make, "train.loss=upo", pairs=planted)
 

@@ -429,9 +429,18 @@ def _save_trained(trained: Any, loaded: _Loaded, base_checkpoint: str, output_di
     return time.perf_counter() - t0
 
 
-def _unwrap(trainer: Any, method: str) -> Any:
+def _fit(trainer: Any, method: str, t_start: float) -> tuple[Any, dict[str, float], int, int, float]:
+    """Train; return (the trained model, LoRA merged; our metrics; optimizer steps; examples trained
+    on; seconds since ``t_start``). Pass the trainer itself, unnamed: it is dropped here, so its
+    memory is back before saving."""
+    trainer.train()
+    train_s = time.perf_counter() - t_start
+    steps, trained = int(trainer.state.global_step), len(trainer.train_dataset)
+    metrics = _summarize(trainer.state.log_history)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    return model.merge_and_unload() if method == "lora" else model
+    del trainer
+    gc.collect()
+    return (model.merge_and_unload() if method == "lora" else model), metrics, steps, trained, train_s
 
 
 class TrainerWorker(CoreWorker):
@@ -488,23 +497,18 @@ class TrainerWorker(CoreWorker):
                 pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
                 collator = collator_cls(pad_token_id=pad_id, max_length=args.max_length)
             t_train = time.perf_counter()
-            trainer = trainer_cls(
-                model=loaded.model,
-                args=args,
-                data_collator=collator,
-                train_dataset=_dataset(pairs, weighted),
-                processing_class=tokenizer,
-                peft_config=peft_config,
-                **extra,
-            )
-            trainer.train()
-            train_s = time.perf_counter() - t_train
-            steps = int(trainer.state.global_step)
-            trained_pairs = len(trainer.train_dataset)
-            metrics = _summarize(trainer.state.log_history)
-            model = _unwrap(trainer, method)
-            del trainer
-            gc.collect()
+            model, metrics, steps, trained_pairs, train_s = _fit(
+                trainer_cls(
+                    model=loaded.model,
+                    args=args,
+                    data_collator=collator,
+                    train_dataset=_dataset(pairs, weighted),
+                    processing_class=tokenizer,
+                    peft_config=peft_config,
+                    **extra,
+                ),
+                method, t_train,
+            )  # fmt: skip
 
         save_s = _save_trained(model, loaded, base_checkpoint, output_dir, save_dtype)
         dropout_names = list(loaded.dropout)
@@ -582,18 +586,13 @@ class TrainerWorker(CoreWorker):
             # (keep_start) and drops rows left without a reply token.
             args = SFTConfig(output_dir=scratch, packing=False, **_schedule_args(cfg, seed))
             t_train = time.perf_counter()
-            trainer = SFTTrainer(
-                model=loaded.model, args=args, train_dataset=Dataset.from_list(rows),
-                processing_class=loaded.tokenizer, peft_config=peft_config,
-            )
-            trainer.train()
-            train_s = time.perf_counter() - t_train
-            steps = int(trainer.state.global_step)
-            trained = len(trainer.train_dataset)
-            metrics = _summarize(trainer.state.log_history)
-            model = _unwrap(trainer, method)
-            del trainer
-            gc.collect()
+            model, metrics, steps, trained, train_s = _fit(
+                SFTTrainer(
+                    model=loaded.model, args=args, train_dataset=Dataset.from_list(rows),
+                    processing_class=loaded.tokenizer, peft_config=peft_config,
+                ),
+                method, t_train,
+            )  # fmt: skip
 
         save_s = _save_trained(model, loaded, base_checkpoint, output_dir, save_dtype)
         dropout_names = list(loaded.dropout)
