@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Iterator
 
 
 def use_cores(threads: int | None) -> int:
@@ -39,3 +39,19 @@ def run_args(seed: int, use_cuda: bool) -> dict[str, Any]:
         seed=seed, data_seed=seed, logging_strategy="steps", logging_steps=1, save_strategy="no", eval_strategy="no",
         report_to="none", dataloader_pin_memory=use_cuda, use_cpu=not use_cuda,
     )
+
+
+def padded_batches(seqs: list[list[int]], pad_id: int, batch_size: int) -> Iterator[tuple[list[int], Any, Any]]:
+    """``(indices, ids, mask)`` per batch of ``seqs``, batched by length (little padding), right-padded."""
+    import torch
+
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(seqs[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
+            mask[row, : len(seqs[i])] = 1
+        yield idx, ids, mask

@@ -16,7 +16,7 @@ from typing import Any
 
 from orchestrator.chat import encode_text
 from orchestrator.section import Section
-from workers.cores import CoreWorker, use_cores
+from workers.cores import CoreWorker, padded_batches, use_cores
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +40,8 @@ class EmbedWorker(CoreWorker):
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         seqs = [encode_text(tokenizer, t)[:max_length] for t in texts]
         out: list[list[float]] = [[] for _ in texts]
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of similar length: little padding
         with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                idx = order[start: start + batch_size]
-                width = max(len(seqs[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):
-                    ids[row, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
-                    mask[row, : len(seqs[i])] = 1
+            for idx, ids, mask in padded_batches(seqs, pad, batch_size):
                 hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
                 pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
                 for row, i in enumerate(idx):

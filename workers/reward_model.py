@@ -67,7 +67,7 @@ from typing import Any
 from orchestrator import chat
 from orchestrator.section import Section
 from orchestrator.types import Pair, TrainResult
-from workers.cores import CoreWorker, run_args, use_cores
+from workers.cores import CoreWorker, padded_batches, run_args, use_cores
 from workers.trainer import _set_dropout, save_checkpoint  # the DPO trainer's dropout attributes and checkpoint writer
 
 log = logging.getLogger(__name__)
@@ -212,15 +212,7 @@ def _logits(model: Any, seqs: list[list[int]], pad_id: int, batch_size: int) -> 
     import torch
 
     out = torch.empty(len(seqs), int(model.config.num_labels), dtype=torch.float32)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(seqs[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
-            mask[row, : len(seqs[i])] = 1
+    for idx, ids, mask in padded_batches(seqs, pad_id, batch_size):
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), use_cache=False).logits
         out[idx] = logits.float().cpu()
     return out
