@@ -299,3 +299,20 @@ def test_long_sequences_keep_their_end(base):
     # The template names the two responses in order; the chat template wraps it as one user turn.
     assert tok.decode(full_pair).index("Response #1: " + p.chosen) < tok.decode(full_pair).index("Response #2: " + p.rejected)
     assert tok.decode(full_pair).startswith("<|im_start|>user") and tok.decode(full_pair).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("mode", ["pairwise_classifier", "bradley_terry"])
+def test_zero_head_starts_at_chance(base, worker, tmp_path, mode):
+    """head_init=zero: the first logged loss is ln 2 (p = 0.5, margin 0) whatever the backbone says;
+    the untouched default head does not start there."""
+    def first_loss(head_init: str) -> float:
+        cfg = make_cfg(mode=mode, epochs=1, learning_rate=0.0, eval_fraction=0.0, head_init=head_init)
+        return worker.train(TRAIN[:16], base, str(tmp_path / f"{mode}-{head_init}"), cfg, seed=0)["metrics"]["rm/loss_first"]
+
+    assert first_loss("zero") == pytest.approx(math.log(2), abs=1e-4)
+    assert abs(first_loss("normal") - math.log(2)) > 1e-3
+
+
+def test_unknown_head_init_is_refused(base, worker, tmp_path):
+    with pytest.raises(ValueError, match="head_init='xavier'"):
+        worker.train(TRAIN, base, str(tmp_path / "x"), make_cfg(head_init="xavier"), seed=0)
