@@ -304,9 +304,11 @@ def test_long_sequences_keep_their_end(base):
 @pytest.mark.parametrize("mode", ["pairwise_classifier", "bradley_terry"])
 def test_zero_head_starts_at_chance(base, worker, tmp_path, mode):
     """head_init=zero: the first logged loss is ln 2 (p = 0.5, margin 0) whatever the backbone says;
-    the untouched default head does not start there."""
+    the untouched default head does not start there. Two micro-batches per step: the logged loss is
+    the step's mean, not the sum over accumulated micro-batches."""
     def first_loss(head_init: str) -> float:
-        cfg = make_cfg(mode=mode, epochs=1, learning_rate=0.0, eval_fraction=0.0, head_init=head_init)
+        cfg = make_cfg(mode=mode, epochs=1, learning_rate=0.0, eval_fraction=0.0, head_init=head_init,
+                       batch_size=8, micro_batch_size=4)
         return worker.train(TRAIN[:16], base, str(tmp_path / f"{mode}-{head_init}"), cfg, seed=0)["metrics"]["rm/loss_first"]
 
     assert first_loss("zero") == pytest.approx(math.log(2), abs=1e-4)

@@ -68,6 +68,7 @@ from orchestrator import chat
 from orchestrator.section import Section
 from orchestrator.types import Pair, TrainResult
 from workers.cores import CoreWorker, padded_batches, run_args, use_cores
+from orchestrator.models import seal_checkpoint, verify_checkpoint
 from workers.trainer import _set_dropout, save_checkpoint  # the DPO trainer's dropout attributes and checkpoint writer
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,7 @@ def _load(checkpoint: str, mode: str, dropout: float | None = None) -> tuple[Any
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+    verify_checkpoint(checkpoint, what="reward model")
     config = AutoConfig.from_pretrained(checkpoint)
     _check_checkpoint(config, checkpoint, mode)
     if dropout is not None:
@@ -240,10 +242,9 @@ def _rewards(model: Any, enc: _Encoder, pairs: list[Pair], batch_size: int) -> t
 
 
 def _init_head(model: Any, how: str) -> None:
-    """``zero``: the new head starts at chance (p = 0.5, margin 0; loss ln 2). Transformers' default
-    (``normal``, std = initializer_range) gives SmolLM2's large final hidden states logits of a few
-    units: UPO's estimator started at loss 1.43 on real pairs and 18 steps at 2e-5 did not bring it
-    back to ln 2, so it learned the random head's preferences, not the labels."""
+    """``zero``: the new head starts at chance (p = 0.5, margin 0; loss exactly ln 2), so the first
+    steps learn the labels rather than undo a random head's preferences. ``normal``: transformers'
+    default (std = initializer_range)."""
     if how == "normal":
         return
     if how != "zero":
@@ -325,6 +326,7 @@ class RewardModelWorker(CoreWorker):
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         transformers.set_seed(seed)  # before the model is built: the new head is initialised from it
+        verify_checkpoint(base_checkpoint, what="base checkpoint")
         tokenizer = AutoTokenizer.from_pretrained(base_checkpoint)
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"tokenizer at {base_checkpoint} has no chat template; the reward model reads chat-formatted pairs")
@@ -368,6 +370,11 @@ class RewardModelWorker(CoreWorker):
                     data_collator=DataCollatorWithPadding(tokenizer),
                     processing_class=tokenizer,
                 )
+                # The classifier's forward takes **kwargs, so Trainer assumes its loss is already
+                # normalised over the accumulated batch and skips the division by the accumulation
+                # steps; its cross-entropy is a per-micro-batch mean, so the loss (and the gradient)
+                # came out gradient_accumulation_steps times too large (2 ln 2 at chance).
+                trainer.model_accepts_loss_kwargs = False
             else:
                 from trl import RewardConfig, RewardTrainer
 
@@ -435,6 +442,7 @@ class RewardModelWorker(CoreWorker):
         }
         with open(os.path.join(output_dir, METADATA_FILE), "w") as f:
             json.dump(metadata, f, indent=2)
+        seal_checkpoint(output_dir, reseal=True)  # again: the seal must list this file too (the weights' hashes are cached)
         log.info(
             "reward model (%s) on %d pairs (%d held out): %d steps in %.1fs, loss %.4f -> %.4f, eval accuracy %s; %s",
             mode, len(train_pairs), len(eval_pairs), steps, train_s, metrics.get("rm/loss_first", math.nan),
