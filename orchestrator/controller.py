@@ -21,13 +21,15 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import ray
 from omegaconf import DictConfig
 
+from orchestrator import signals
 from orchestrator.config import resolve_run_dir, to_plain
+from orchestrator.console import Console
 from orchestrator.data import load_prompts
 from orchestrator.errors import ConfigError, OrchestratorError
-from orchestrator.models import check_checkpoint_dir, checkpoint_fingerprint, resolve_model_path
+from orchestrator.models import check_checkpoint_dir, checkpoint_fingerprint, fsync_dir, resolve_model_path, seal_checkpoint
 from orchestrator.redact import redact_config
 from orchestrator.roles import Role, Workers, resumable_keys
-from orchestrator.store import RoundDir, RunStore, publish_dir, write_json, write_jsonl
+from orchestrator.store import RoundDir, RunStore, chain_digest, publish_dir, write_json, write_jsonl
 from orchestrator.tracking import Tracker, default_artifact_location, default_uri
 from orchestrator.types import Prompt, Record
 
@@ -39,10 +41,13 @@ POLICY = "policy"
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys whose values differ. Keys in one config only are not compared: a key the code added
+    since the run started has its default (the code's change, not the user's), and one it dropped
+    is no longer read; a plug-in chosen or dropped shows in its list (``filters``, ``transforms``)."""
     keys = []
-    for key in sorted(set(old) | set(new)):
+    for key in sorted(set(old) & set(new)):
         path = f"{prefix}{key}"
-        a, b = old.get(key), new.get(key)
+        a, b = old[key], new[key]
         if isinstance(a, dict) and isinstance(b, dict):
             keys += config_diff(a, b, path + ".")
         elif a != b:
@@ -58,27 +63,50 @@ class Round:
         self.index = index
         self.dir: RoundDir = ctl.store.round(index)
         self.state = ctl.store.round_state(index)
+        # Hash of everything the round has done so far (stage files, checkpoints), in order: each
+        # stage records it as its inputs, so a stage made before an earlier one was redone is stale.
+        self.inputs = ""
 
     def stage(self, name: str, cls: type[R], fn: Callable[[], tuple[list[R], dict[str, float]]]) -> list[R]:
-        """Run ``fn`` unless the stage's output exists; write it atomically; log its metrics once."""
-        if self.dir.has(name):
+        """Run ``fn`` unless the stage's output exists, is intact and was made from the same inputs;
+        write it atomically; log its metrics once."""
+        found = self.dir.reuse(name, cls, self.inputs)
+        if found is not None:
             log.info("round %d: %s already done, reusing %s", self.index, name, self.dir.file(name))
-            records = self.dir.read(name, cls)
+            records, digest = found
+            self.ctl.console.print(f"round {self.index}  {name} already done: {len(records)} records reused")
         else:
             log.info("round %d: %s ...", self.index, name)
             t0 = time.perf_counter()
-            records, metrics = fn()
+            with self.ctl.console.step(self.index, name) as step:
+                records, metrics = fn()
+                step.note = f"{len(records)} records"
             metrics = {**metrics, f"time/{name}_s": time.perf_counter() - t0}
-            self.dir.write(name, records, metrics)
+            digest = self.dir.write(name, records, metrics, self.inputs)
+            self.unlog(name)  # a fresh result: whatever was logged under this name was another one
             log.info("round %d: %s done in %.1fs (%d records)", self.index, name, metrics[f"time/{name}_s"], len(records))
+        self.inputs = chain_digest(self.inputs, name, digest)
         self.log_stage(name)
         return records
+
+    def unlog(self, name: str) -> None:
+        if name in self.state.get("logged", []):
+            self.state["logged"].remove(name)
 
     def log_stage(self, name: str) -> None:
         logged = self.state.setdefault("logged", [])
         if name in logged:
             return
-        self.ctl.tracker.log_round_metrics(self.index, self.dir.metrics(name))
+        # The intent goes to the manifest first: a kill while logging leaves it there, and the
+        # resumed run then logs only what MLflow is missing, never a metric twice.
+        logging_now = self.state.setdefault("logging", [])
+        if name in logging_now:
+            self.ctl.tracker.log_round_metrics_missing(self.index, self.dir.metrics(name))
+        else:
+            logging_now.append(name)
+            self.ctl.store.save()
+            self.ctl.tracker.log_round_metrics(self.index, self.dir.metrics(name))
+        logging_now.remove(name)
         logged.append(name)
         self.ctl.store.save()
 
@@ -92,18 +120,29 @@ class Round:
         ``stage``. A rerun reuses a published checkpoint, so a killed run never trains twice.
         """
         path = self.dir.checkpoint(name)
+        if self.dir.has_checkpoint(name) and self.dir.stale_checkpoint(stage, self.inputs):
+            log.warning("round %d: checkpoint %s was built from other inputs (an earlier stage was redone); rebuilding it", self.index, name)
+            shutil.rmtree(path)
+            self.state.get("checkpoints", {}).pop(name, None)
+            self.unlog(stage)
         if self.dir.has_checkpoint(name):
             log.info("round %d: checkpoint %s exists, reusing %s", self.index, name, path)
+            self.ctl.console.print(f"round {self.index}  checkpoint {name} already built: reused")
         else:
             tmp = self.dir.checkpoint_tmp(name)
             try:
                 t0 = time.perf_counter()
-                metrics = build(tmp)
+                with self.ctl.console.step(self.index, stage):
+                    metrics = build(tmp)
                 write_json(self.dir.metrics_file(stage), {**metrics, f"time/{stage}_s": time.perf_counter() - t0})
+                seal_checkpoint(tmp)  # the builder's seal checked (or one written), all fsynced before the rename
+                self.dir.write_meta(stage, b"", self.inputs)
                 publish_dir(tmp, path)
+                fsync_dir(path.parent)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         self.adopt(name, str(path))
+        self.inputs = chain_digest(self.inputs, f"checkpoint:{name}", self.state["checkpoints"][name]["sha256"])
         self.log_stage(stage)
         return str(path)
 
@@ -133,6 +172,8 @@ class Controller:
         self.store = RunStore(resolve_run_dir(cfg))
         self.tracker: Tracker | None = None
         self.workers = Workers(roles, seed=int(cfg.seed), start_timeout_s=float(cfg.generation.start_timeout_s))
+        self.console = Console.from_cfg(cfg, self.store.root)
+        self.workers.actor_class_hook = self.console.actor_class  # worker logs and progress under the run dir
         self.start_model = ""
 
     # -- setup -----------------------------------------------------------------------
@@ -180,13 +221,14 @@ class Controller:
         cl = self.cfg.cluster
         address = cl.get("address") or os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=self.console.workers_to_console, logging_level=self.console.ray_log_level)
         else:
             # Logical CPUs: enough for every role's worker to exist at once, whatever the core
             # count; the workers set their own thread counts.
             wanted = sum(float(r.resources.get("num_cpus", 0) or 0) for r in self.workers.roles.values())
             num_cpus = cl.get("num_cpus") or max(os.cpu_count() or 1, int(wanted + 0.999))
-            ray.init(num_cpus=num_cpus, num_gpus=cl.get("num_gpus"), include_dashboard=False, log_to_driver=True)
+            ray.init(num_cpus=num_cpus, num_gpus=cl.get("num_gpus"), include_dashboard=False,
+                     log_to_driver=self.console.workers_to_console, logging_level=self.console.ray_log_level)
         self.workers.reserve(self.cfg)
 
     def start_tracking(self) -> None:
@@ -200,24 +242,31 @@ class Controller:
     def session(self) -> Iterator["Controller"]:
         """Open store, Ray and MLflow; mark the run finished or failed on the way out."""
         self.preflight()
-        self.open_store()
-        self.store.manifest.setdefault("start_model", {"path": self.start_model})
-        self.store.save()
-        self.start_ray()
-        self.start_tracking()
-        status = "FAILED"
-        try:
-            yield self
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
-            self.store.manifest["status"] = status.lower()
+        with self.store.locked():  # one writer per run dir; a second is refused before it writes
+            self.console.quiet_logs()
+            self.open_store()
+            self.store.manifest.setdefault("start_model", {"path": self.start_model})
             self.store.save()
-            if self.tracker:
-                self.tracker.finish(status)
-            self.workers.stop_all()
+            self.start_ray()
+            signals.install()  # ray.init replaced our SIGTERM handler with its own (sys.exit)
+            self.start_tracking()
+            status = "FAILED"
+            try:
+                yield self
+                status = "FINISHED"
+            except KeyboardInterrupt:  # Ctrl-C, and SIGTERM (the CLI turns it into one)
+                status = "KILLED"
+                raise
+            finally:
+                self.store.manifest["status"] = status.lower()
+                self.store.save()
+                if self.tracker:
+                    self.tracker.finish(status)
+                # Ctrl-C / SIGTERM: a busy actor would finish its call before its shutdown ran.
+                self.workers.stop_all(timeout_s=5.0 if status == "KILLED" else 60.0)
+                if status == "FAILED":
+                    self.console.failed()
+                self.console.finished(self.tracker, status)
 
     # -- rounds ----------------------------------------------------------------------
     def pending_rounds(self) -> Iterator[int]:
@@ -237,14 +286,15 @@ class Controller:
         t0 = time.perf_counter()
         try:
             yield rnd
-        except BaseException:
-            self.tracker.end_round(index, "FAILED")
+        except BaseException as exc:
+            self.tracker.end_round(index, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
         self.model_path(index)  # a round is done only once the next round has a policy to start from
         wall = time.perf_counter() - t0
         self.tracker.log_round_metrics(index, {"time/round_s": wall})
         self.store.update_round(index, status="done", wall_s=wall)
         self.tracker.end_round(index)
+        self.console.round_done(index)
         log.info("round %d: done in %.1fs", index, wall)
 
     def _policy_checkpoint(self, index: int) -> dict[str, str]:

@@ -231,6 +231,10 @@ def judgment_metrics(judgments: list[Judgment]) -> dict[str, float]:
     if masses:
         metrics["judge/score_token_mass_mean"] = statistics.fmean(masses)
         metrics["judge/score_token_mass_min"] = min(masses)
+    if any(j.components for j in judgments):  # reward functions and hybrids: each component on its own
+        from orchestrator.rewards import component_metrics
+
+        metrics.update(component_metrics(judgments))
     return metrics
 
 
@@ -245,6 +249,10 @@ def score_with(backend: Any, generations: list[Generation], cfg: Mapping[str, An
     ``fits`` (a backend that knows its context, e.g. VLLMWorker.fits) fits long prompts by
     cutting the response (``fitted_prompt``).
     """
+    if (cfg.get("kind") or "llm") != "llm":  # a reward function or a hybrid (orchestrator/rewards.py)
+        from orchestrator import rewards
+
+        return rewards.score_with(backend, generations, cfg, fits)
     cfg = Section("judge", cfg)
     lo, hi = cfg["min_score"], cfg["max_score"]
     # score_only reads one token, or a space and then one (VLLMWorker.choice_probs): room for two.

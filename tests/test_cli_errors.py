@@ -96,6 +96,11 @@ def test_hydra_logs_follow_storage_path(tmp_path, tiny_checkpoint):
     """A relative run_dir lives under storage.path, Hydra's own log dir included (not under the cwd)."""
     name = f"storage-test-{tmp_path.name}"
     shared = tmp_path / "shared"
-    error_line(run_cli("model=local", f"model.path={tiny_checkpoint}", "rounds=0", f"storage.path={shared}", f"run_dir={name}/run"))
+    # A failure after the config checks (a config error removes Hydra's folder: no run dir is left)
+    (shared / name / "run").mkdir(parents=True)
+    (shared / name / "run" / "manifest.json").write_text("{")
+    line = error_line(run_cli("model=local", f"model.path={tiny_checkpoint}", "resume=true", f"storage.path={shared}",
+                              f"run_dir={name}/run"))
+    assert "manifest.json is damaged" in line
     assert (shared / name / "run" / "hydra").is_dir()
     assert not (ROOT / name).exists()

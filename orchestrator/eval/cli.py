@@ -33,7 +33,7 @@ from orchestrator.roles import core_roles
 log = logging.getLogger("orchestrator")
 
 # Added to the command line unless the user sets them.
-DEFAULT_OVERRIDES = {"run_dir": "outputs/eval/${now:%Y-%m-%d_%H-%M-%S}", "rounds": "1"}
+DEFAULT_OVERRIDES = {"run_dir": "outputs/eval/${now:%Y-%m-%d_%H-%M-%S.%f}", "rounds": "1"}
 
 
 def _baseline_path(cfg: DictConfig) -> str:
