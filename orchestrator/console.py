@@ -416,10 +416,13 @@ class Console:
                 self._stop.clear()
                 self._thread = threading.Thread(target=self._run, name="console", daemon=True)
                 self._thread.start()
-        ok = False
+        ok, stopped = False, False
         try:
             yield step
             ok = True
+        except KeyboardInterrupt:  # Ctrl-C, and SIGTERM (orchestrator.signals): stopped, not failed
+            stopped = True
+            raise
         finally:
             with self._lock:
                 self.steps.remove(step)
@@ -427,7 +430,8 @@ class Console:
                     self._stop.set()
                 self._line(step)  # the last progress record, for the final line
                 seconds = time.perf_counter() - step.started
-                end = f"done in {fmt_duration(seconds)}" if ok else f"FAILED after {fmt_duration(seconds)}"
+                end = (f"done in {fmt_duration(seconds)}" if ok
+                       else f"stopped after {fmt_duration(seconds)}" if stopped else f"FAILED after {fmt_duration(seconds)}")
                 details = [step.note] if step.note else []
                 if step.last is not None:
                     details.append(progress_text(step.last, width=0))

@@ -239,3 +239,13 @@ def test_a_resumed_round_says_what_it_reused(local_controller):
     assert first[0].startswith("round 1  generations   done in")
     again = run(local_controller("resume=true"))
     assert again[:2] == ["round 1  generations already done: 1 records reused", "round 1  checkpoint policy already built: reused"]
+
+
+def test_a_stopped_stage_says_stopped_not_failed(tmp_path):
+    """Ctrl-C and SIGTERM (a KeyboardInterrupt by then) stop a stage; they are not its failure."""
+    console, out = quiet_console(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        with console.step(1, "train"):
+            raise KeyboardInterrupt
+    text = out.getvalue()
+    assert "round 1  train         stopped after" in text and "FAILED" not in text
