@@ -324,7 +324,7 @@ def fakes(monkeypatch):
 
     calls = []
 
-    def sft(self, examples, base, out, cfg, seed=0):
+    def sft(self, examples, base, out, cfg, seed=0, state_dir=None, base_sha256=None):
         demos = [Demonstration.from_dict(e) for e in examples]
         calls.append({"examples": demos, "base": base, "out": out, "cfg": cfg, "seed": seed})
         write_checkpoint(Path(out), float(len(calls)))
@@ -432,7 +432,7 @@ def test_dpo_variant_trains_the_latest_on_best_vs_random(local_controller, fakes
 
     dpo = []
 
-    def train(self, pairs, base, out, cfg, seed=0):
+    def train(self, pairs, base, out, cfg, seed=0, state_dir=None, base_sha256=None):
         dpo.append((pairs, base))
         write_checkpoint(Path(out))
         return {"checkpoint": out, "num_pairs": len(pairs), "steps": 1, "wall_s": 0.1, "metrics": {}}
