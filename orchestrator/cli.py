@@ -46,7 +46,10 @@ def run(cfg: DictConfig) -> None:
 
         submit_run(cfg, sys.argv[1:])
         return
-    ctl = Controller(cfg, roles)
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    ctl = Controller(cfg, roles, overrides)
     with ctl.session():
         print(f"run dir: {ctl.store.root}  (continue a stopped run with: run_dir={ctl.store.root} resume=true)", flush=True)
         recipe.run(ctl)

@@ -40,19 +40,28 @@ R = TypeVar("R", bound=Record)
 POLICY = "policy"
 
 
-def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Keys whose values differ. Keys in one config only are not compared: a key the code added
-    since the run started has its default (the code's change, not the user's), and one it dropped
-    is no longer read; a plug-in chosen or dropped shows in its list (``filters``, ``transforms``)."""
+def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "", user_keys: frozenset[str] = frozenset()) -> list[str]:
+    """Keys whose values differ. A key in one config only counts when the user set it on the command
+    line (``user_keys``, e.g. ``+filter.rm.step=2``): otherwise it is the code's change (a key added
+    since the run started has its default; a dropped one is no longer read) and resume goes on."""
     keys = []
-    for key in sorted(set(old) & set(new)):
+    for key in sorted(set(old) | set(new)):
         path = f"{prefix}{key}"
+        if key not in old or key not in new:
+            if any(path == k or path.startswith(k + ".") or k.startswith(path + ".") for k in user_keys):
+                keys.append(path)
+            continue
         a, b = old[key], new[key]
         if isinstance(a, dict) and isinstance(b, dict):
-            keys += config_diff(a, b, path + ".")
+            keys += config_diff(a, b, path + ".", user_keys)
         elif a != b:
             keys.append(path)
     return keys
+
+
+def override_keys(overrides: Iterable[str]) -> frozenset[str]:
+    """The config keys that command-line overrides set (``+a.b=1``, ``++a.b=1``, ``~a.b``, ``a.b=1``)."""
+    return frozenset(o.lstrip("+~").split("=", 1)[0] for o in overrides if o.strip())
 
 
 class Round:
@@ -167,8 +176,10 @@ class Round:
 
 
 class Controller:
-    def __init__(self, cfg: DictConfig, roles: Iterable[Role]):
+    def __init__(self, cfg: DictConfig, roles: Iterable[Role], overrides: Iterable[str] = ()):
+        """``overrides``: the command line's, so that resume can tell a key the user added from one the code did."""
         self.cfg = cfg
+        self.user_keys = override_keys(overrides)
         self.store = RunStore(resolve_run_dir(cfg))
         self.tracker: Tracker | None = None
         self.workers = Workers(roles, seed=int(cfg.seed), start_timeout_s=float(cfg.generation.start_timeout_s))
@@ -188,7 +199,7 @@ class Controller:
             self.store.load()
             allowed = resumable_keys(self.workers.roles.values())
             changed = [
-                k for k in config_diff(redact_config(self.store.manifest["config"]), config)
+                k for k in config_diff(redact_config(self.store.manifest["config"]), config, user_keys=self.user_keys)
                 if not any(k == p or k.startswith(p + ".") for p in allowed)
             ]
             if changed:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator.errors import OrchestratorError
+from orchestrator.models import SEAL, seal_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -94,7 +95,7 @@ def extrapolate(weak: str | Path, strong: str | Path, alpha: float, out: str | P
     weak_files = check_compatible(weak, strong)
     out.mkdir(parents=True)
     for item in strong.iterdir():  # config, tokenizer, generation config, shard index
-        if item.is_file() and item.suffix != ".safetensors":
+        if item.is_file() and item.suffix != ".safetensors" and item.name != SEAL:  # strong's seal is not ours
             shutil.copy2(item, out / item.name)
     delta_sq = base_sq = 0.0
     written = changed = 0
@@ -120,6 +121,7 @@ def extrapolate(weak: str | Path, strong: str | Path, alpha: float, out: str | P
                     written += 1
                 fh.flush()
                 os.fsync(fh.fileno())
+    seal_checkpoint(out)  # sealed where it was written, as every checkpoint (orchestrator.models)
     return {
         "expo/alpha": alpha,
         "expo/tensors": float(written),

@@ -99,7 +99,7 @@ def make_controller(model_path: str, run_dir: Path, *overrides: str) -> "Control
     from orchestrator.recipes import get_recipe
 
     cfg = composed(["model=local", f"model.path={model_path}", f"run_dir={run_dir}", *overrides])
-    ctl = Controller(cfg, get_recipe(cfg.recipe).roles(cfg))
+    ctl = Controller(cfg, get_recipe(cfg.recipe).roles(cfg), overrides)
     ctl.preflight()
     ctl.open_store()
     ctl.start_tracking()

@@ -103,7 +103,7 @@ def open_run(run_dir, *overrides):
     from orchestrator.submit import compose_config
 
     cfg = compose_config([f"run_dir={run_dir}", *overrides])
-    ctl = Controller(cfg, get_recipe(cfg.recipe).roles(cfg))
+    ctl = Controller(cfg, get_recipe(cfg.recipe).roles(cfg), overrides)
     ctl.open_store()
     return ctl
 
@@ -123,3 +123,7 @@ def test_resume_ignores_keys_the_code_added_or_dropped_since(tmp_path):
     assert ctl.store.manifest["status"] == "running"
     with pytest.raises(ConfigError, match=r"changed config \(train.beta\)"):  # what the user set still counts
         open_run(run_dir, "resume=true", "train.beta=0.05")
+    with pytest.raises(ConfigError, match=r"changed config \(train.new_knob\)"):  # a key the user adds is a change too
+        open_run(run_dir, "resume=true", "+train.new_knob=1")
+    with pytest.raises(ConfigError, match=r"changed config \(generation.engine.max_model_len\)"):
+        open_run(run_dir, "resume=true", "generation.engine.max_model_len=4096")

@@ -41,7 +41,8 @@ def test_eval_one_checkpoint_against_a_baseline(tiny_checkpoint, tmp_path):
     assert 0 <= m1["eval/vs_start/winrate"] <= 100 and 0 <= m1["eval/vs_start/lc_winrate"] <= 100
     assert 0 <= m1["eval/if/prompt_accuracy"] <= 1 and "eval/judge_agreement_pairs" in m1
     # the table, as orchestrate-report prints it: the baseline as round 0, the checkpoint as round 1
-    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["0"], ["1"])]
+    # (the console's per-round rows come first; the final table is the last two rows)
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["0"], ["1"])][-2:]
     assert [r[0] for r in rows] == ["0", "1"]
 
     manifest = json.loads((run_dir / "manifest.json").read_text())

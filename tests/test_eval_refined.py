@@ -128,7 +128,7 @@ def test_refine_steps_zero_leaves_the_stage_as_it_was(setup, judge_cfg):
     assert all(steps_of(p) == [0] * 9 for p in pols0)
     for r in (0, 1):
         rd0, rd2 = store0.round(r), store2.round(r)
-        assert sorted(p.name for p in rd0.path.iterdir()) == ["eval.jsonl", "eval.metrics.json", GENERATIONS_FILE]
+        assert sorted(p.name for p in rd0.path.iterdir()) == ["eval.jsonl", "eval.meta.json", "eval.metrics.json", GENERATIONS_FILE]
         assert (rd0.path / GENERATIONS_FILE).read_bytes() == (rd2.path / GENERATIONS_FILE).read_bytes()
         assert not any("refined" in k or "refine" in k for k in metrics0[r])
         timeless = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731

@@ -12,7 +12,7 @@ from orchestrator.submit import compose_config
 
 def open_run(run_dir, *overrides):
     cfg = compose_config([f"run_dir={run_dir}", *overrides])
-    ctl = Controller(cfg, get_recipe(cfg.recipe).roles(cfg))
+    ctl = Controller(cfg, get_recipe(cfg.recipe).roles(cfg), overrides)
     ctl.open_store()
     return ctl
 
