@@ -13,7 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 from orchestrator import rewards
 from orchestrator.errors import ConfigError
 from orchestrator.judging import MODES
-from orchestrator.placement import RELEASE_MODES
+from orchestrator.placement import RELEASE_MODES, custom_resources
 from workers import trainer
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -125,16 +125,9 @@ def check_timeouts_and_resources(cfg: DictConfig) -> None:
         key = f"cluster.timeouts.{role}"
         check(limit is None or (not isinstance(limit, bool) and number(cfg, key) >= 0), key, limit, "seconds >= 0, or null (no limit)")
     for section in ("generation", "judge", "train", "eval.judge"):
-        custom = OmegaConf.select(cfg, f"{section}.resources.custom")
-        if custom is None:
-            continue
-        key = f"{section}.resources.custom"
-        check(isinstance(custom, DictConfig), key, custom, "a mapping of Ray resource name to amount")
-        for res, amount in custom.items():
-            check(str(res) not in ("CPU", "GPU", "memory", "object_store_memory"), f"{key}.{res}", amount,
-                  "a custom resource name (CPU and GPU are num_cpus / num_gpus)")
-            check(not isinstance(amount, bool) and isinstance(amount, (int, float)) and amount >= 0,
-                  f"{key}.{res}", amount, "an amount >= 0")
+        resources = OmegaConf.select(cfg, f"{section}.resources")
+        if resources is not None:
+            custom_resources(resources, name=f"{section}.resources")  # placement's own reading, now, not at start-up
 
 
 def validate(cfg: DictConfig) -> None:

@@ -70,12 +70,14 @@ def custom_resources(resources_cfg: Any, *, name: str = "resources") -> dict[str
     """``resources.custom`` (Ray custom resources by name, e.g. ``{gen_node: 1}``) as numbers; {} if unset."""
     custom = _get(resources_cfg, "custom", None) or {}
     if not isinstance(custom, Mapping) and not hasattr(custom, "items"):
-        raise ConfigError(f"{name}.custom must be a mapping of Ray resource names to amounts, got {custom!r}")
+        raise ConfigError(f"{name}.custom={custom!r} is invalid: a mapping of Ray resource name to amount")
     out = {}
     for key, value in custom.items():
         if str(key) in ("CPU", "GPU", "memory", "object_store_memory"):
-            raise ConfigError(f"{name}.custom.{key}: set it with num_cpus / num_gpus, not as a custom resource")
-        out[str(key)] = _int_if_whole(_number(value, f"{name}.custom.{key}"))
+            raise ConfigError(f"{name}.custom.{key}={value!r} is invalid: a custom resource name (CPU and GPU are num_cpus / num_gpus)")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{name}.custom.{key}={value!r} is invalid: an amount >= 0")
+        out[str(key)] = _int_if_whole(float(value))
     return {k: v for k, v in out.items() if v > 0}
 
 
