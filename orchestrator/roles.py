@@ -305,12 +305,15 @@ class Workers:
     def timeout(self, name: str) -> float | None:
         """Seconds one call to role ``name``'s worker may take: ``cluster.timeouts.<role>``, else its kind's
         (``engine`` or ``task``); None = no limit."""
-        kind = "task" if self.role(name).kind == "task" else "engine"
-        value = self.timeouts.get(name, self.timeouts.get(kind))
+        value = self.timeouts.get(self._limit_name(name))
         return None if value in (None, 0) else float(value)
 
+    def _limit_name(self, name: str) -> str:
+        """The ``cluster.timeouts`` entry that bounds role ``name``: its own, else its kind's."""
+        return name if name in self.timeouts else ("task" if self.role(name).kind == "task" else "engine")
+
     def _timeout_key(self, name: str) -> str:
-        return f"cluster.timeouts.{name if name in self.timeouts else ('task' if self.role(name).kind == 'task' else 'engine')}"
+        return f"cluster.timeouts.{self._limit_name(name)}"
 
     def release_mode(self, name: str, task: str) -> str:
         """What role ``name`` does before task role ``task`` runs (``placement.release_mode``)."""
