@@ -249,8 +249,20 @@ def test_wrong_checkpoints_are_refused(classifier, bt_model, base, worker):
         worker.score(FRESH[:2], base, cfg)  # a causal LM would load with a random head
     with pytest.raises(ValueError, match="is a bradley_terry model; reward_model.mode is pairwise_classifier"):
         worker.score(FRESH[:2], bt_out, cfg)
-    with pytest.raises(ValueError, match="mc_passes needs the pairwise_classifier"):
-        worker.mc_passes(FRESH[:2], bt_out, 2, 0.1, 0, bt_cfg)
+    with pytest.raises(ValueError, match="is a pairwise_classifier model; reward_model.mode is bradley_terry"):
+        worker.mc_passes(FRESH[:2], out, 2, 0.1, 0, bt_cfg)
+
+
+def test_bradley_terry_mc_passes(bt_model, worker):
+    """A BT estimator's passes are sigmoid(r(x, chosen) - r(x, rejected)): with dropout off exactly the
+    scored margin's; with dropout on they differ, each pair's around it."""
+    out, cfg, _ = bt_model
+    scores = worker.score(FRESH[:6], out, cfg)
+    still = worker.mc_passes(FRESH[:6], out, 2, 0.0, 0, cfg)
+    for row, s in zip(still, scores):
+        assert row[0] == row[1] == pytest.approx(1 / (1 + math.exp(-s["margin"])), abs=1e-5)
+    noisy = worker.mc_passes(FRESH[:6], out, 4, 0.1, 0, cfg)
+    assert all(len(set(row)) == 4 for row in noisy), noisy
 
 
 def test_too_few_examples_is_a_clear_error(base, worker, tmp_path):
@@ -318,3 +330,40 @@ def test_zero_head_starts_at_chance(base, worker, tmp_path, mode):
 def test_unknown_head_init_is_refused(base, worker, tmp_path):
     with pytest.raises(ValueError, match="head_init='xavier'"):
         worker.train(TRAIN, base, str(tmp_path / "x"), make_cfg(head_init="xavier"), seed=0)
+
+
+@pytest.mark.parametrize("mode", ["pairwise_classifier", "bradley_terry"])
+def test_top_layers_train_over_the_cached_trunk(base, worker, tmp_path, mode):
+    """train_layers=1 of the tiny model's 2: the lower layer stays as the base had it, the model still
+    learns the planted rule, and the cached path scores as the whole model does (MC passes with
+    dropout 0 equal ``score``, which runs every layer); with dropout on the passes differ."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / mode)
+    cfg = make_cfg(mode=mode, epochs=4, train_layers=1, eval_fraction=0.2,
+                   learning_rate=5e-4 if mode == "pairwise_classifier" else 1e-3)  # fmt: skip
+    result = worker.train(TRAIN, base, out, cfg, seed=0)
+    m = result["metrics"]
+    assert m["rm/train_layers"] == 1.0 and result["steps"] == (64 if mode == "pairwise_classifier" else 32)
+    assert m["rm/loss_first"] == pytest.approx(LN2, abs=1e-4)  # the zero head
+    assert m["rm/loss_last"] < 0.5 and m["rm/eval_accuracy"] >= 0.8
+
+    before, after = load_file(os.path.join(base, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    lower = [k for k in before if ".layers.0." in k]
+    upper = [k for k in before if ".layers.1." in k]
+    assert lower and upper
+    assert all(torch.equal(before[k], after[k]) for k in lower)  # frozen
+    assert any(not torch.equal(before[k], after[k]) for k in upper)  # trained
+
+    if mode == "pairwise_classifier":
+        still = worker.mc_passes(FRESH[:6], out, 2, 0.0, 0, cfg)
+        for row, s in zip(still, worker.score(FRESH[:6], out, cfg)):
+            assert row[0] == row[1] == pytest.approx(s["p_chosen"], abs=1e-5)
+        noisy = worker.mc_passes(FRESH[:6], out, 4, 0.1, 0, cfg)
+        assert all(len(set(row)) == 4 for row in noisy), noisy
+
+
+def test_bad_train_layers_is_refused(base, worker, tmp_path):
+    with pytest.raises(ValueError, match=r"reward_model.train_layers=0 must be a whole number >= 1 or null"):
+        worker.train(TRAIN, base, str(tmp_path / "x"), make_cfg(train_layers=0), seed=0)

@@ -34,6 +34,12 @@ from orchestrator.types import Pair  # noqa: E402
 # on both training and the MC passes; one thread (this machine has two, busy with other jobs).
 TINY = [
     "filters=[upo]",
+    # The bootstrapped setting (labels from the judged pairs: here the planted ones), refreshed each
+    # round, every layer trained: the tiny model has 2 (the shipped seed pairs need a real model).
+    "filter.upo.seed_pairs=null",
+    "filter.upo.refresh=true",
+    "filter.upo.estimator.train_layers=null",
+    "filter.upo.estimator.eval_fraction=0.1",
     "filter.upo.estimator.learning_rate=5e-4",
     "filter.upo.estimator.warmup_ratio=0.0",
     "filter.upo.estimator.lr_scheduler=constant",
@@ -146,7 +152,8 @@ def test_too_few_labelled_pairs_is_a_clear_error(local_controller):
         ("filter.upo.mu=0", "mu"),
         ("filter.upo.epsilon.max=0.5", "epsilon.max"),
         ("filter.upo.seed_pairs=/nonexistent.jsonl", "seed_pairs"),
-        ("filter.upo.estimator.mode=bradley_terry", "pairwise_classifier"),
+        ("filter.upo.estimator.mode=ranker", "pairwise_classifier"),
+        ("filter.upo.estimator.train_layers=0", "train_layers"),
     ],
 )
 def test_bad_config_is_refused_before_the_run(override, words):
@@ -167,7 +174,8 @@ def test_filter_constructs_from_the_shipped_config():
     spec = to_plain(composed(["filters=[upo,rip]"]).filter)
     assert list(spec) == ["upo", "rip"]
     f = plugins.build("filter", "upo", spec["upo"])
-    assert isinstance(f, UPOFilter) and f.refresh and f.estimator["mc"]["T"] == 10
+    assert isinstance(f, UPOFilter) and f.estimator["mc"]["T"] == 10
+    assert f.seed_pairs == "builtin" and not f.refresh and f.estimator["train_layers"] == 2  # the paper's setting, scaled
 
 
 def test_later_rounds_learn_from_earlier_pairs_or_keep_the_first_estimator(filtered, planted):
@@ -184,3 +192,13 @@ def test_later_rounds_learn_from_earlier_pairs_or_keep_the_first_estimator(filte
     path, m = UPOFilter(**{**spec, "refresh": False}).estimator_path(ctx, fresh)
     assert path == rnd1.state["checkpoints"]["upo_estimator"]["path"] and m == {"upo/estimator_round": 1.0}
     assert "upo_estimator" not in rnd2.state.get("checkpoints", {})
+
+
+def test_builtin_seed_pairs_are_the_rated_seed_best_vs_worst():
+    from orchestrator.filters.upo import builtin_seed_pairs
+
+    pairs = builtin_seed_pairs()
+    assert len(pairs) == 48 and len({p.prompt_id for p in pairs}) == 48
+    assert all(p.chosen_score > p.rejected_score and p.chosen != p.rejected for p in pairs)
+    assert pairs[0].messages == [{"role": "user", "content": "How long should I boil pasta?"}]
+    assert pairs[0].chosen.startswith("Most dried pasta") and pairs[0].rejected == "Boil it until it is done."

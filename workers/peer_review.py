@@ -22,16 +22,11 @@ Scorers (``cfg["scorer"]``); either way the per-pair loss is ``-log sigmoid(marg
   summed over ``chat.encode_pair``'s completion ids (the DPO trainer's). A sequence over ``max_length``
   keeps its last tokens, as the reward model's do (the start of the prompt goes first).
 
-``model.train_layers`` (k): only the top k decoder layers, the final norm and the rm head train. The
-layers below are frozen, so their output is the same at every step: it is computed once at start (eval
-mode) and cached, and every later pass runs the top k layers alone. On a 2-core CPU this is what makes
-a CRM round minutes instead of half an hour (a full forward pass of SmolLM2-135M over 64 pairs is
-~100 s on one loaded core). The LM head stays frozen in ``dpo`` (it is tied to the embeddings in
-SmolLM2, whose output the cache holds). ``null`` (or k >= the model's layers): full fine-tune, every
-pass through the whole model. The cached path swaps the decoder's ``layers`` list for its top k and
-feeds the cached states as ``inputs_embeds``: right for decoders that use their inputs as they are
-(Llama, SmolLM2, Qwen2, Mistral); a model that scales its embeddings inside ``forward`` (Gemma) needs
-``train_layers: null``.
+``model.train_layers`` (k): only the top k decoder layers, the final norm and the rm head train, over
+the cached output of the frozen layers below (workers/trunk.py: minutes instead of half an hour on a
+2-core CPU). The LM head stays frozen in ``dpo`` (it is tied to the embeddings in SmolLM2, whose
+output the cache holds). ``null`` (or k >= the model's layers): full fine-tune, every pass through
+the whole model.
 
 AdamW on the trainable weights, ``model.learning_rate`` with ``model.lr_scheduler`` (warm-up
 ``model.warmup_ratio``) over the planned steps (``planned_steps``); a step's pairs go through in
@@ -56,6 +51,7 @@ from orchestrator.section import Section
 from workers.cores import CoreWorker
 from workers.reward_model import ID2LABEL, METADATA_FILE, _Encoder, _fit, _pairs
 from workers.trainer import _set_dropout, save_checkpoint
+from workers.trunk import Trunk, check_train_layers
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +100,8 @@ class PeerModel(CoreWorker):
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_id = int(tokenizer.pad_token_id)
 
-        # Sequences 2i and 2i+1: pair i's chosen and rejected. ``read``: where each is scored (rm: the
-        # rightmost non-pad token; dpo: the first completion token, predicted from the position before it).
+        # Sequences 2i and 2i+1: pair i's chosen and rejected. ``read`` (dpo): each one's first completion
+        # token, predicted from the position before it (an rm reads its rightmost non-pad token: Trunk.last_token).
         self.ids: list[list[int]] = []
         self.read: list[int] = []
         self.truncated = 0
@@ -116,15 +112,9 @@ class PeerModel(CoreWorker):
         if torch.cuda.is_available():
             model.to("cuda")
         self.model = model
-        self.decoder = model.base_model
-        self.all_layers = self.decoder.layers
-        self.features: list[Any] | None = None
-        k = m["train_layers"]
-        if k is not None and int(k) < 1:
-            raise ValueError(f"filter.crm.model.train_layers={k!r} must be >= 1 or null (full fine-tune)")
-        self.partial = k is not None and int(k) < len(self.all_layers)
-        if self.partial:
-            self._freeze_below(len(self.all_layers) - int(k))
+        k = check_train_layers(m["train_layers"], "filter.crm.model.train_layers")
+        heads = [self.head] if self.scorer == "rm" else []
+        self.trunk = Trunk(model, self.ids, self.pad_id, k, heads, self.eval_batch)
         if self.scorer == "dpo":
             # The reference is the base: its log-probs once, in eval mode (no dropout), before any step.
             self.ref = self._no_grad(range(len(self.pairs)), self._logps)
@@ -155,9 +145,7 @@ class PeerModel(CoreWorker):
         enc = _Encoder(tokenizer, self.max_length)
         for p in self.pairs:
             for reply in (p.chosen, p.rejected):
-                ids = enc.reply(p, reply)
-                self.ids.append(ids)
-                self.read.append(max((j for j, t in enumerate(ids) if t != self.pad_id), default=0))
+                self.ids.append(enc.reply(p, reply))
         self.truncated = enc.truncated
         return model
 
@@ -180,67 +168,13 @@ class PeerModel(CoreWorker):
                 self.read.append(max(len(ids) - len(reply_ids), 1))
         return model
 
-    # -- the frozen trunk -----------------------------------------------------------------
-    def _freeze_below(self, first: int) -> None:
-        """Freeze layers ``< first`` (and the embeddings, and the LM head in dpo); cache their output for every sequence."""
-        import torch
-
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        trainable = [*self.all_layers[first:], self.decoder.norm] + ([self.head] if self.scorer == "rm" else [])
-        for module in trainable:
-            for p in module.parameters():
-                p.requires_grad_(True)
-        captured: list[Any] = []
-        # With only the frozen layers in place, the final norm's input is the first trainable layer's input.
-        hook = self.decoder.norm.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
-        self.decoder.layers = self.all_layers[:first]
-        self.model.eval()
-        self.features = []
-        try:
-            with torch.no_grad():
-                for start in range(0, len(self.ids), self.eval_batch):
-                    seqs = list(range(start, min(start + self.eval_batch, len(self.ids))))
-                    ids, mask = self._padded(seqs)
-                    self.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-                    states = captured.pop()
-                    # Right padding: a causal model's states at real tokens do not depend on the pads after them.
-                    self.features += [states[row, : len(self.ids[j])].clone() for row, j in enumerate(seqs)]
-        finally:
-            hook.remove()
-        self.decoder.layers = self.all_layers[first:]
-
-    def _padded(self, seqs: list[int]) -> tuple[Any, Any]:
-        import torch
-
-        width = max(len(self.ids[j]) for j in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, j in enumerate(seqs):
-            ids[row, : len(self.ids[j])] = torch.tensor(self.ids[j], dtype=torch.long)
-            mask[row, : len(self.ids[j])] = 1
-        device = self.model.device
-        return ids.to(device), mask.to(device)
-
-    def _hidden(self, seqs: list[int]) -> Any:
-        """The decoder's last hidden states (after its norm) for sequences ``seqs``, right-padded."""
-        import torch
-
-        ids, mask = self._padded(seqs)
-        if not self.partial:
-            return self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        states = torch.zeros((len(seqs), ids.shape[1], self.features[0].shape[-1]), dtype=self.features[0].dtype, device=ids.device)
-        for row, j in enumerate(seqs):
-            states[row, : len(self.ids[j])] = self.features[j]
-        return self.decoder(inputs_embeds=states, attention_mask=mask, use_cache=False).last_hidden_state
-
     # -- scores ---------------------------------------------------------------------------
     def _logps(self, pairs: list[int]) -> Any:
         """Summed completion log-probs of pairs ``pairs``, shape (len(pairs), 2): chosen, rejected (dpo)."""
         import torch
 
         seqs = [2 * i + side for side in (0, 1) for i in pairs]
-        hidden = self._hidden(seqs)
+        hidden = self.trunk.hidden(seqs)
         rows, positions, labels = [], [], []
         for row, j in enumerate(seqs):
             ids = self.ids[j]
@@ -261,9 +195,8 @@ class PeerModel(CoreWorker):
 
         if self.scorer == "rm":
             seqs = [2 * i + side for side in (0, 1) for i in pairs]
-            hidden = self._hidden(seqs)
-            last = torch.tensor([self.read[j] for j in seqs], device=hidden.device)
-            r = self.head(hidden[torch.arange(len(seqs), device=hidden.device), last])[:, 0].float().cpu()
+            hidden = self.trunk.hidden(seqs)
+            r = self.head(self.trunk.last_token(seqs, hidden))[:, 0].float().cpu()
             return r[: len(pairs)] - r[len(pairs) :]
         ratios = self._logps(pairs) - self.ref[torch.tensor(pairs, dtype=torch.long)]
         return self.beta * (ratios[:, 0] - ratios[:, 1])
@@ -320,12 +253,8 @@ class PeerModel(CoreWorker):
         # Config only: the modules copied their dropout rates when built, so nothing changes here.
         for name, value in self.base_dropout.items():
             setattr(self.model.config, name, value)
-        partial_layers = self.decoder.layers
-        self.decoder.layers = self.all_layers
-        try:
-            save_checkpoint(self.model, self.base, output_dir)
-        finally:
-            self.decoder.layers = partial_layers
+        with self.trunk.whole() as model:
+            save_checkpoint(model, self.base, output_dir)
         meta: dict[str, Any] = {"base_checkpoint": self.base, "seed": self.seed, "max_length": self.max_length, "steps": self.steps}
         if self.scorer == "rm":  # the reward model's conventions, so RewardModelWorker.score reads it
             meta = {"mode": "bradley_terry", "pair_template": None, **meta, "metrics": {}, "trained_by": "crm"}

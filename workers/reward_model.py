@@ -70,6 +70,7 @@ from orchestrator.types import Pair, TrainResult
 from workers.cores import CoreWorker, padded_batches, run_args, use_cores
 from orchestrator.models import seal_checkpoint, verify_checkpoint
 from workers.trainer import _set_dropout, save_checkpoint  # the DPO trainer's dropout attributes and checkpoint writer
+from workers.trunk import Trunk, check_train_layers
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,18 @@ def _logits(model: Any, seqs: list[list[int]], pad_id: int, batch_size: int) -> 
     return out
 
 
+def _trunk_logits(model: Any, trunk: Trunk, batch_size: int) -> Any:
+    """Head outputs for every sequence of ``trunk`` (rows in its order, on the CPU), batched by length."""
+    import torch
+
+    out = torch.empty(len(trunk.ids), int(model.config.num_labels), dtype=torch.float32)
+    order = sorted(range(len(trunk.ids)), key=lambda j: len(trunk.ids[j]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        out[idx] = model.score(trunk.last_token(idx, trunk.hidden(idx))).float().cpu()
+    return out
+
+
 def _pair_seqs(enc: _Encoder, pairs: list[Pair], both_orders: bool = True) -> list[list[int]]:
     """T(x, c, r) for every pair, then (``both_orders``) T(x, r, c) for every pair."""
     seqs = [enc.pair(p, True) for p in pairs]
@@ -287,6 +300,134 @@ def _summarize(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+
+def _train_with_trainer(
+    model: Any, tokenizer: Any, enc: _Encoder, train_pairs: list[Pair], mode: str, cfg: Section, seed: int, use_cuda: bool
+) -> tuple[Any, int, int, dict[str, float], float]:
+    """Full fine-tune with transformers' Trainer (pairwise) or TRL's RewardTrainer (bradley_terry).
+
+    Returns (model, training examples, optimizer steps, metrics, seconds training)."""
+    from datasets import Dataset
+
+    batch_size = int(cfg["batch_size"])
+    micro = int(cfg["micro_batch_size"] or batch_size)
+    with tempfile.TemporaryDirectory(prefix="rm-scratch-") as scratch:
+        common = dict(
+            output_dir=scratch,
+            learning_rate=float(cfg["learning_rate"]),
+            lr_scheduler_type=cfg["lr_scheduler"],
+            warmup_steps=float(cfg["warmup_ratio"]),  # a float in [0, 1) is a ratio of the total steps
+            weight_decay=float(cfg["weight_decay"]),
+            per_device_train_batch_size=micro,
+            gradient_accumulation_steps=batch_size // micro,
+            num_train_epochs=int(cfg["epochs"]),
+            disable_tqdm=True,
+            **run_args(seed, use_cuda),
+        )
+        if mode == "pairwise_classifier":
+            from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+            rows = []
+            for p in train_pairs:
+                rows.append({"input_ids": enc.pair(p, True), "labels": 0})
+                rows.append({"input_ids": enc.pair(p, False), "labels": 1})
+            trainer = Trainer(
+                model=model,
+                args=TrainingArguments(**common),
+                train_dataset=Dataset.from_list(rows),
+                data_collator=DataCollatorWithPadding(tokenizer),
+                processing_class=tokenizer,
+            )
+            # The classifier's forward takes **kwargs, so Trainer assumes its loss is already
+            # normalised over the accumulated batch and skips the division by the accumulation
+            # steps; its cross-entropy is a per-micro-batch mean, so the loss (and the gradient)
+            # came out gradient_accumulation_steps times too large (2 ln 2 at chance).
+            trainer.model_accepts_loss_kwargs = False
+        else:
+            from trl import RewardConfig, RewardTrainer
+
+            rows = [{"chosen_ids": enc.reply(p, p.chosen), "rejected_ids": enc.reply(p, p.rejected)} for p in train_pairs]
+            trainer = RewardTrainer(
+                model=model,
+                args=RewardConfig(**common, max_length=None, disable_dropout=float(cfg["dropout"]) == 0.0),
+                train_dataset=Dataset.from_list(rows),
+                processing_class=tokenizer,
+            )
+        t_train = time.perf_counter()
+        trainer.train()
+        train_s = time.perf_counter() - t_train
+        steps = int(trainer.state.global_step)
+        metrics = _summarize(trainer.state.log_history)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        del trainer
+        gc.collect()
+    return model, len(rows), steps, metrics, train_s
+
+
+def _train_top_layers(
+    model: Any, enc: _Encoder, train_pairs: list[Pair], mode: str, top: int, cfg: Section, seed: int
+) -> tuple[Any, int, int, dict[str, float], float]:
+    """Train the top ``top`` decoder layers, the final norm and the head over the frozen layers' cached output.
+
+    A plain torch loop with the Trainer path's settings (AdamW, ``lr_scheduler`` with warm-up
+    ``warmup_ratio``, ``batch_size`` per step in micro-batches, gradient norm clipped at 1.0,
+    examples shuffled each epoch from ``seed``) and the same losses: pairwise, cross-entropy over
+    T(x, c, r) -> 0 and T(x, r, c) -> 1; bradley_terry, -log sigmoid(r(x, y_w) - r(x, y_l)).
+    Returns (model, training examples, optimizer steps, metrics, seconds training)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import get_scheduler
+
+    if mode == "pairwise_classifier":
+        seqs = [enc.pair(p, first) for p in train_pairs for first in (True, False)]
+        units = [[j] for j in range(len(seqs))]  # one example: one sequence, label j % 2
+    else:
+        seqs = [enc.reply(p, reply) for p in train_pairs for reply in (p.chosen, p.rejected)]
+        units = [[2 * i, 2 * i + 1] for i in range(len(train_pairs))]  # one example: a pair's two sequences
+    trunk = Trunk(model, seqs, model.config.pad_token_id, top, [model.score], int(cfg["eval_batch_size"]))
+    batch_size = int(cfg["batch_size"])
+    micro = int(cfg["micro_batch_size"] or batch_size)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=float(cfg["learning_rate"]), weight_decay=float(cfg["weight_decay"]))
+    total = int(cfg["epochs"]) * math.ceil(len(units) / batch_size)
+    scheduler = get_scheduler(
+        cfg["lr_scheduler"], optimizer, num_warmup_steps=math.ceil(float(cfg["warmup_ratio"]) * total), num_training_steps=total
+    )
+    rng = random.Random(seed)
+    torch.manual_seed(seed)  # dropout
+    losses: list[float] = []
+    t_train = time.perf_counter()
+    model.train()
+    for _ in range(int(cfg["epochs"])):
+        order = list(range(len(units)))
+        rng.shuffle(order)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for m0 in range(0, len(batch), micro):
+                rows = [j for u in batch[m0 : m0 + micro] for j in units[u]]
+                logits = model.score(trunk.last_token(rows, trunk.hidden(rows))).float()
+                if mode == "pairwise_classifier":
+                    labels = torch.tensor([j % 2 for j in rows], device=logits.device)
+                    loss = F.cross_entropy(logits, labels, reduction="sum")
+                else:
+                    r = logits[:, 0].view(-1, 2)
+                    loss = -F.logsigmoid(r[:, 0] - r[:, 1]).sum()
+                (loss / len(batch)).backward()  # the step's mean over all its examples
+                loss_sum += float(loss.detach())
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss_sum / len(batch))
+    train_s = time.perf_counter() - t_train
+    trunk.release()  # the whole model from here on (held-out scoring, saving)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    metrics = {"rm/loss_first": losses[0], "rm/loss_last": losses[-1], "rm/loss": sum(losses) / len(losses), "rm/train_layers": float(top)}
+    return model, len(seqs) if mode == "pairwise_classifier" else len(units), len(losses), metrics, train_s
+
+
 class RewardModelWorker(CoreWorker):
     # -- training -------------------------------------------------------------------------
     def train(self, examples: list[dict[str, Any]], base_checkpoint: str, output_dir: str, cfg: dict[str, Any], seed: int = 0) -> dict[str, Any]:
@@ -317,12 +458,12 @@ class RewardModelWorker(CoreWorker):
         if not 0.0 <= warmup < 1.0:
             raise ValueError(f"reward_model.warmup_ratio={warmup} must lie in [0, 1)")
         dropout = float(cfg["dropout"])
+        top = check_train_layers(cfg["train_layers"], "reward_model.train_layers")
         if cfg["threads"]:
             self.threads = use_cores(cfg["threads"])
 
         import torch
         import transformers
-        from datasets import Dataset
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         transformers.set_seed(seed)  # before the model is built: the new head is initialised from it
@@ -343,57 +484,13 @@ class RewardModelWorker(CoreWorker):
 
         enc = _Encoder(tokenizer, cfg["max_length"])
         use_cuda = torch.cuda.is_available()
-        with tempfile.TemporaryDirectory(prefix="rm-scratch-") as scratch:
-            common = dict(
-                output_dir=scratch,
-                learning_rate=float(cfg["learning_rate"]),
-                lr_scheduler_type=cfg["lr_scheduler"],
-                warmup_steps=warmup,  # a float in [0, 1) is a ratio of the total steps
-                weight_decay=float(cfg["weight_decay"]),
-                per_device_train_batch_size=micro,
-                gradient_accumulation_steps=batch_size // micro,
-                num_train_epochs=int(cfg["epochs"]),
-                disable_tqdm=True,
-                **run_args(seed, use_cuda),
-            )
-            if mode == "pairwise_classifier":
-                from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
-
-                rows = []
-                for p in train_pairs:
-                    rows.append({"input_ids": enc.pair(p, True), "labels": 0})
-                    rows.append({"input_ids": enc.pair(p, False), "labels": 1})
-                trainer = Trainer(
-                    model=model,
-                    args=TrainingArguments(**common),
-                    train_dataset=Dataset.from_list(rows),
-                    data_collator=DataCollatorWithPadding(tokenizer),
-                    processing_class=tokenizer,
-                )
-                # The classifier's forward takes **kwargs, so Trainer assumes its loss is already
-                # normalised over the accumulated batch and skips the division by the accumulation
-                # steps; its cross-entropy is a per-micro-batch mean, so the loss (and the gradient)
-                # came out gradient_accumulation_steps times too large (2 ln 2 at chance).
-                trainer.model_accepts_loss_kwargs = False
-            else:
-                from trl import RewardConfig, RewardTrainer
-
-                rows = [{"chosen_ids": enc.reply(p, p.chosen), "rejected_ids": enc.reply(p, p.rejected)} for p in train_pairs]
-                trainer = RewardTrainer(
-                    model=model,
-                    args=RewardConfig(**common, max_length=None, disable_dropout=dropout == 0.0),
-                    train_dataset=Dataset.from_list(rows),
-                    processing_class=tokenizer,
-                )
-            truncated_train = enc.truncated
-            t_train = time.perf_counter()
-            trainer.train()
-            train_s = time.perf_counter() - t_train
-            steps = int(trainer.state.global_step)
-            metrics = _summarize(trainer.state.log_history)
-            model = trainer.accelerator.unwrap_model(trainer.model)
-            del trainer
-            gc.collect()
+        if use_cuda:
+            model.to("cuda")
+        if top is not None and top < len(model.base_model.layers):
+            model, n_examples, steps, metrics, train_s = _train_top_layers(model, enc, train_pairs, mode, top, cfg, seed)
+        else:
+            model, n_examples, steps, metrics, train_s = _train_with_trainer(model, tokenizer, enc, train_pairs, mode, cfg, seed, use_cuda)
+        truncated_train = enc.truncated
 
         model.eval()
         if eval_pairs:
@@ -421,7 +518,7 @@ class RewardModelWorker(CoreWorker):
         metrics.update(
             {
                 "rm/train_pairs": float(len(train_pairs)),
-                "rm/train_examples": float(len(rows)),
+                "rm/train_examples": float(n_examples),
                 "rm/eval_pairs": float(len(eval_pairs)),
                 "rm/steps": float(steps),
                 "rm/train_s": train_s,
@@ -484,20 +581,19 @@ class RewardModelWorker(CoreWorker):
         seed: int,
         cfg: dict[str, Any],
     ) -> list[list[float]]:
-        """MC dropout (pairwise classifier): per pair, T probabilities that the chosen response is better.
+        """MC dropout: per pair, T probabilities that the chosen response is better.
 
         The model is loaded with ``dropout`` set on its config and run in train mode (dropout on)
         without gradients, T times over the same batches, from ``torch.manual_seed(seed)``.
-        ``cfg["mc"]["orders"]``: ``both`` averages P(chosen better) over both orders within each
-        pass (as ``score``); ``chosen_first`` is UPO's code (P(label 0 | T(x, chosen, rejected))).
+        ``pairwise_classifier``: ``cfg["mc"]["orders"]`` ``both`` averages P(chosen better) over both
+        orders within each pass (as ``score``); ``chosen_first`` is UPO's code (P(label 0 | T(x,
+        chosen, rejected))). ``bradley_terry``: sigmoid(r(x, chosen) - r(x, rejected)) per pass.
         Feed each row to ``orchestrator.uncertainty.bald``.
         """
         import torch
 
         cfg = Section("reward_model", cfg)
         mode = _mode(cfg)
-        if mode != "pairwise_classifier":
-            raise ValueError(f"mc_passes needs the pairwise_classifier estimator; reward_model.mode is {mode}")
         orders = cfg.sub("mc")["orders"]
         if orders not in ("both", "chosen_first"):
             raise ValueError(f"reward_model.mc.orders={orders!r} is not one of both, chosen_first")
@@ -506,23 +602,41 @@ class RewardModelWorker(CoreWorker):
             raise ValueError(f"mc_passes needs T >= 1 passes, got {T}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"mc_passes dropout={dropout} must lie in [0, 1)")
+        top = check_train_layers(cfg["train_layers"], "reward_model.train_layers")
         pairs = _pairs(examples)
         if not pairs:
             return []
         if cfg["threads"]:
             self.threads = use_cores(cfg["threads"])
         model, tokenizer = _load(checkpoint, mode, dropout=dropout)
-        model.train()  # dropout on; nothing else in these models changes between train and eval
         enc = _Encoder(tokenizer, cfg["max_length"])
         batch_size = int(cfg["eval_batch_size"])
         both = orders == "both"
-        seqs = _pair_seqs(enc, pairs, both_orders=both)
+        n = len(pairs)
+        if mode == "pairwise_classifier":
+            seqs = _pair_seqs(enc, pairs, both_orders=both)
+        else:
+            seqs = [enc.reply(p, p.chosen) for p in pairs] + [enc.reply(p, p.rejected) for p in pairs]
         if enc.truncated:
             log.warning("MC dropout: %d of %d sequences cut to their last %s tokens", enc.truncated, len(seqs), enc.max_length)
+        # train_layers: the frozen layers run once (eval mode) and dropout acts in the top layers alone,
+        # the ones that were trained; the passes differ there (UPO's LoRA dropout also sat in the adapters only).
+        trunk = Trunk(model, seqs, model.config.pad_token_id, top, [], batch_size) if top is not None else None
+        model.train()  # dropout on; nothing else in these models changes between train and eval
         torch.manual_seed(int(seed))
         passes: list[list[float]] = []
         with torch.no_grad():
             for _ in range(T):
-                first, second = _p_chosen(model, seqs, len(pairs), batch_size)
+                if trunk is not None and trunk.partial:
+                    logits = _trunk_logits(model, trunk, batch_size)
+                else:
+                    logits = _logits(model, seqs, model.config.pad_token_id, batch_size)
+                # float64: near-certain passes stay distinct (float32 resolves p only to ~6e-8 near 1).
+                logits = logits.double()
+                if mode == "bradley_terry":
+                    passes.append(torch.sigmoid(logits[:n, 0] - logits[n:, 0]).tolist())
+                    continue
+                probs = logits.softmax(-1)
+                first, second = probs[:n, 0].tolist(), probs[n:, 1].tolist()
                 passes.append([(a + b) / 2 for a, b in zip(first, second)] if both else first)
         return [list(col) for col in zip(*passes)]

@@ -15,12 +15,15 @@ For round t, with the round's judged pairs P (chosen/rejected by the judge)::
 
 Departures, on purpose (each also in conf/filters/upo.yaml):
 
-* **Labels.** The paper trains the estimator on a human-labelled seed set (UltraFeedback). Offline
-  there is none, so by default its labels are *bootstrapped from the judge*: the judged pairs of
-  this round and the earlier ones (``pairs`` stage, before any filter). The estimator then learns
-  the judge's majority view and flags the pairs that disagree with it, the noise UPO is after; it
-  is trained on the pairs it filters (in-sample), as a denoiser fitted on noisy labels is. A
-  user's labelled file (``seed_pairs``, JSONL of Pair fields) gives the paper's setting.
+* **Labels.** The paper trains the estimator on a human-labelled seed set (UltraFeedback). The
+  default ``seed_pairs: builtin`` keeps that setting with the project's own rated seed (48 pairs,
+  ``builtin_seed_pairs``), so the estimator does not depend on the judge it checks. With
+  ``seed_pairs: null`` its labels are *bootstrapped from the judge*: the judged pairs of this round
+  and the earlier ones (``pairs`` stage, before any filter); it then learns the judge's majority
+  view and flags the pairs that disagree with it, trained on the pairs it filters (in-sample). On
+  SmolLM2-135M that estimator stayed at chance (conf/filters/upo.yaml has the numbers).
+* **Scale.** ``estimator.train_layers: 2``: the top layers train over the frozen layers' cached
+  output, and the MC passes' dropout acts in those layers (workers/trunk.py).
 * **Refresh.** ``refresh=true`` trains a new estimator each round (the paper); ``false`` trains it
   once, in the first round the filter runs, and reuses it (the released code).
 * **Merge.** The released code's training set adds 40% of the labelled seed pairs and 30% of the
@@ -44,6 +47,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from orchestrator import chat
 from orchestrator.config import to_plain
 from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.plugins import Decision, StageContext
@@ -51,11 +55,31 @@ from orchestrator.roles import Role
 from orchestrator.store import read_jsonl
 from orchestrator.types import Pair
 from orchestrator.uncertainty import bald
+from workers.trunk import check_train_layers
 
 log = logging.getLogger(__name__)
 
 ESTIMATOR = "upo_estimator"  # the role and the round's checkpoint name
+BUILTIN = "builtin"  # seed_pairs: the labelled pairs built from the project's rated seed
 LN2 = math.log(2.0)
+
+
+def builtin_seed_pairs() -> list[Pair]:
+    """Labelled pairs from the project's rated seed (orchestrator/data/alma_seed_ratings.jsonl, written
+    for this project: 48 prompts, two responses each, rated 0-10): per prompt, the higher-rated
+    response is chosen; prompts whose responses tie are skipped."""
+    from orchestrator.data import alma_seed_ratings_path, load_demonstrations
+
+    groups: dict[str, list[Any]] = {}
+    for d in load_demonstrations(alma_seed_ratings_path(), what="the built-in UPO seed", rated=True):
+        groups.setdefault(chat.transcript(d.messages), []).append(d)
+    pairs = []
+    for i, rated in enumerate(groups.values()):
+        best, worst = max(rated, key=lambda d: d.score), min(rated, key=lambda d: d.score)
+        if best.score > worst.score:
+            pairs.append(Pair(prompt_id=f"upo-seed-{i:03d}", messages=best.messages, chosen=best.response,
+                              rejected=worst.response, chosen_score=best.score, rejected_score=worst.score))  # fmt: skip
+    return pairs
 
 
 def weighted_sample(rng: random.Random, items: list[int], weights: list[float], k: int) -> list[int]:
@@ -111,15 +135,16 @@ class UPOFilter:
             raise ValueError(f"mu={mu!r} must be > 0 (the exponent of 1 - B in the easy-pair weights)")
         if history_rounds is not None and int(history_rounds) < 0:
             raise ValueError(f"history_rounds={history_rounds!r} must be >= 0 or null (all earlier rounds)")
-        if estimator.get("mode") != "pairwise_classifier":
-            raise ValueError(f"estimator.mode={estimator.get('mode')!r}: UPO's estimator is the pairwise_classifier")
+        if estimator.get("mode") not in ("pairwise_classifier", "bradley_terry"):
+            raise ValueError(f"estimator.mode={estimator.get('mode')!r} is not one of pairwise_classifier (the paper's), bradley_terry")
+        check_train_layers(estimator.get("train_layers"), "estimator.train_layers")
         eps_mode = epsilon.get("mode")
         if eps_mode not in ("bald", "none"):
             raise ValueError(f"epsilon.mode={eps_mode!r} is not one of bald, none")
         if not (0.0 <= float(epsilon["max"]) < 0.5 and float(epsilon["scale"]) >= 0.0):
             raise ValueError(f"epsilon.max={epsilon['max']!r} must lie in [0, 0.5) and epsilon.scale >= 0")
-        if seed_pairs is not None and not Path(seed_pairs).is_file():
-            raise ValueError(f"seed_pairs={seed_pairs!r} is not a file")
+        if seed_pairs not in (None, BUILTIN) and not Path(seed_pairs).is_file():
+            raise ValueError(f"seed_pairs={seed_pairs!r} is not a file (nor null or {BUILTIN})")
         if backbone is not None and not (Path(backbone) / "config.json").is_file():
             raise ValueError(f"backbone={backbone!r} is not a local checkpoint (no config.json)")
         self.estimator = dict(estimator)
@@ -146,6 +171,8 @@ class UPOFilter:
     # -- the estimator ---------------------------------------------------------------------
     def labelled_pairs(self, ctx: StageContext, pairs: list[Pair]) -> list[Pair]:
         """The estimator's training labels: the user's seed file, or the judge's pairs of this and earlier rounds."""
+        if self.seed_pairs == BUILTIN:
+            return builtin_seed_pairs()
         if self.seed_pairs is not None:
             return read_jsonl(Path(self.seed_pairs), Pair)
         t = ctx.round.index
