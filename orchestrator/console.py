@@ -254,7 +254,10 @@ def progress_text(rec: dict[str, Any], width: int = 20) -> str:
     else:
         parts.append(f"{_fmt_count(done)} {unit}")
     if rate > 0:
-        parts.append(f"{rate:.2f} {unit}/s" if rate < 10 else f"{rate:.0f} {unit}/s")
+        if rate < 0.1:  # slow stages (a CPU DPO step takes minutes): time per item, not "0.00 steps/s"
+            parts.append(f"{fmt_duration(1.0 / rate)}/{unit.rstrip('s')}")
+        else:
+            parts.append(f"{rate:.2f} {unit}/s" if rate < 10 else f"{rate:.0f} {unit}/s")
         if total and done < float(total):
             parts.append(f"ETA {fmt_duration((float(total) - done) / rate)}")
     info = rec.get("info") or {}

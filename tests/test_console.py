@@ -39,6 +39,10 @@ def test_progress_text_has_count_rate_eta_and_loss():
                                "info": {"loss": 0.69312}}, width=0)
     assert train == "train  32/32 steps  0.50 steps/s  loss 0.6931"  # done: no ETA, no bar at width 0
     assert con.fmt_duration(3725) == "1:02:05" and con.fmt_duration(59.6) == "1:00"
+    # A CPU DPO step takes minutes: time per step, not "0.00 steps/s" (a real round: 4 steps in 20:58).
+    slow = con.progress_text({"what": "train", "unit": "steps", "done": 1, "total": 4, "started": 0, "updated": 284,
+                              "info": {"loss": 1.4267}}, width=0)
+    assert slow == "train  1/4 steps  4:44/step  ETA 14:12  loss 1.4267"
 
 
 def test_progress_writes_the_file_named_by_the_environment(tmp_path, monkeypatch):
