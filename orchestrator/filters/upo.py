@@ -40,6 +40,7 @@ eps and why it was kept or dropped; ``upo_scores.png`` the histogram of B for ke
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -184,6 +185,17 @@ class UPOFilter:
                 earlier += [replace(p, prompt_id=f"r{i}/{p.prompt_id}") for p in rd.read("pairs", Pair)]
         return earlier + list(pairs)
 
+    @staticmethod
+    def _trained_metrics(path: str) -> dict[str, float]:
+        """``upo/estimator_*`` from a saved estimator's reward_model.json (empty if it has none)."""
+        from workers.reward_model import METADATA_FILE
+
+        try:
+            metrics = json.loads((Path(path) / METADATA_FILE).read_text())["metrics"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+        return {f"upo/estimator_{k.removeprefix('rm/')}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
     def estimator_path(self, ctx: StageContext, pairs: list[Pair]) -> tuple[str, dict[str, float]]:
         """This round's estimator (trained once, a named checkpoint of the round), or round 1's when not refreshed."""
         from workers.reward_model import RewardModelWorker
@@ -191,8 +203,8 @@ class UPOFilter:
         if not self.refresh:
             for i in range(1, ctx.round.index):
                 kept = ctx.ctl.store.round_state(i).get("checkpoints", {}).get(ESTIMATOR)
-                if kept:
-                    return kept["path"], {"upo/estimator_round": float(i)}
+                if kept:  # its training metrics again, so every round's run shows the estimator it used
+                    return kept["path"], {"upo/estimator_round": float(i), **self._trained_metrics(kept["path"])}
         labelled = self.labelled_pairs(ctx, pairs)
         need = int(self.estimator["min_examples"])
         if len(labelled) < need:
