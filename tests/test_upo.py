@@ -28,6 +28,7 @@ from orchestrator import plugins  # noqa: E402
 from orchestrator.controller import Round  # noqa: E402
 from orchestrator.errors import ConfigError, OrchestratorError  # noqa: E402
 from orchestrator.filters.upo import UPOFilter, epsilon_for, weighted_sample  # noqa: E402
+from orchestrator import chat  # noqa: E402
 from orchestrator.types import Pair  # noqa: E402
 
 # A tiny random model learns the planted rule with these (tests/test_reward_model.py); dropout 0.1
@@ -195,11 +196,31 @@ def test_later_rounds_learn_from_earlier_pairs_or_keep_the_first_estimator(filte
     assert "upo_estimator" not in rnd2.state.get("checkpoints", {})
 
 
-def test_builtin_seed_pairs_are_the_rated_seed_best_vs_worst():
+def test_builtin_seed_pairs_are_balanced_for_length():
+    """The rated seed's best vs worst (the better reply longer in 45 of 48) plus the concise pairs (the
+    better reply shorter in all 48): length alone cannot tell the chosen reply."""
     from orchestrator.filters.upo import builtin_seed_pairs
 
     pairs = builtin_seed_pairs()
-    assert len(pairs) == 48 and len({p.prompt_id for p in pairs}) == 48
+    assert len(pairs) == 96 and len({p.prompt_id for p in pairs}) == 96
+    assert len({chat.transcript(p.messages) for p in pairs}) == 96  # no prompt twice
     assert all(p.chosen_score > p.rejected_score and p.chosen != p.rejected for p in pairs)
     assert pairs[0].messages == [{"role": "user", "content": "How long should I boil pasta?"}]
     assert pairs[0].chosen.startswith("Most dried pasta") and pairs[0].rejected == "Boil it until it is done."
+    rated, concise = pairs[:48], pairs[48:]
+    assert sum(len(p.chosen) > len(p.rejected) for p in rated) == 45
+    assert all(len(p.chosen) < len(p.rejected) for p in concise)
+    assert 0.4 <= sum(len(p.chosen) > len(p.rejected) for p in pairs) / len(pairs) <= 0.6
+
+
+def test_builtin_seed_pairs_never_share_a_prompt_with_the_eval_sets():
+    """The estimator is trained on these; the eval's held-out prompts must stay unseen by every model of a run."""
+    from orchestrator.data import dev_prompts_path, eval_prompts_path, load_prompts
+    from orchestrator.eval import ifeval
+    from orchestrator.eval.generations import check_no_overlap
+    from orchestrator.filters.upo import builtin_seed_pairs
+
+    seed = [chat.transcript(p.messages) for p in builtin_seed_pairs()]
+    for path in (eval_prompts_path(), dev_prompts_path()):
+        check_no_overlap([p.text for p in load_prompts(path)], seed, what=f"prompts of {path.name}")
+    check_no_overlap([it["prompt"] for it in ifeval.load_items()], seed, what="IF eval prompts")

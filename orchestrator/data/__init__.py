@@ -29,6 +29,7 @@ EVAL_FILE = "eval_prompts.jsonl"
 DEV_FILE = "dev_prompts.jsonl"
 ALMA_SFT_SEED_FILE = "alma_sft_seed.jsonl"
 ALMA_SEED_RATINGS_FILE = "alma_seed_ratings.jsonl"
+UPO_SEED_CONCISE_FILE = "upo_seed_concise.jsonl"
 MAX_RATING = 10
 
 
@@ -67,6 +68,11 @@ def alma_sft_seed_path() -> Path:
 def alma_seed_ratings_path() -> Path:
     """ALMA's judge seed shipped in the package (96 responses rated 0-10)."""
     return _package_file(ALMA_SEED_RATINGS_FILE)
+
+
+def upo_seed_concise_path() -> Path:
+    """Labelled pairs shipped in the package where the better reply is the shorter one (48 pairs)."""
+    return _package_file(UPO_SEED_CONCISE_FILE)
 
 
 def load_demonstrations(path: str | Path, *, what: str, rated: bool = False) -> list[Demonstration]:

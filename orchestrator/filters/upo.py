@@ -53,7 +53,7 @@ from orchestrator.config import to_plain
 from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.plugins import Decision, StageContext
 from orchestrator.roles import Role
-from orchestrator.store import read_jsonl
+from orchestrator.store import parse_jsonl, read_jsonl
 from orchestrator.types import Pair
 from orchestrator.uncertainty import bald
 from workers.trunk import check_train_layers
@@ -66,10 +66,15 @@ LN2 = math.log(2.0)
 
 
 def builtin_seed_pairs() -> list[Pair]:
-    """Labelled pairs from the project's rated seed (orchestrator/data/alma_seed_ratings.jsonl, written
-    for this project: 48 prompts, two responses each, rated 0-10): per prompt, the higher-rated
-    response is chosen; prompts whose responses tie are skipped."""
-    from orchestrator.data import alma_seed_ratings_path, load_demonstrations
+    """The project's labelled pairs, written for it, balanced for length:
+
+    * from the rated seed (orchestrator/data/alma_seed_ratings.jsonl: 48 prompts, two responses
+      each, rated 0-10), the higher-rated response chosen; there it is also the longer one in 45 of 48;
+    * orchestrator/data/upo_seed_concise.jsonl: 48 pairs where the better response is the shorter one
+      (the longer one is wrong, padded, evasive or ignores the instruction), so that an estimator
+      trained on the union cannot score well on length alone.
+    """
+    from orchestrator.data import alma_seed_ratings_path, load_demonstrations, upo_seed_concise_path
 
     groups: dict[str, list[Any]] = {}
     for d in load_demonstrations(alma_seed_ratings_path(), what="the built-in UPO seed", rated=True):
@@ -80,6 +85,10 @@ def builtin_seed_pairs() -> list[Pair]:
         if best.score > worst.score:
             pairs.append(Pair(prompt_id=f"upo-seed-{i:03d}", messages=best.messages, chosen=best.response,
                               rejected=worst.response, chosen_score=best.score, rejected_score=worst.score))  # fmt: skip
+    concise = upo_seed_concise_path()
+    for i, (_, row) in enumerate(parse_jsonl(concise.read_text(encoding="utf-8").splitlines())):
+        pairs.append(Pair(prompt_id=f"upo-concise-{i:03d}", messages=chat.user(row["prompt"]), chosen=row["chosen"],
+                          rejected=row["rejected"], chosen_score=1.0, rejected_score=0.0))  # fmt: skip
     return pairs
 
 
