@@ -55,7 +55,9 @@ def collect(run_dir: str | Path) -> list[dict[str, Any]]:
         path = dirs.get(r)
         prompts = None
         pm = get("prompts")
-        if "prompts/seed" in pm or "prompts/self_instruct" in pm:
+        if "prompts/picked" in pm:  # ALMA: K picked from the pool (its prompts/self_instruct counts the synthetic ones among them)
+            prompts = float(pm["prompts/picked"])
+        elif "prompts/seed" in pm or "prompts/self_instruct" in pm:
             prompts = float(pm.get("prompts/seed", 0)) + float(pm.get("prompts/self_instruct", 0))
         elif path is not None:
             prompts = _count_lines(path / "prompts.jsonl")
@@ -104,7 +106,7 @@ COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("IF prompt acc", lambda r: _fmt(r["if_prompt_acc"], ".3f")),
     ("IF check acc", lambda r: _fmt(r["if_check_acc"], ".3f")),
     ("judge agree", lambda r: _fmt(r["judge_agreement"], ".3f")),
-    ("DPO loss", lambda r: _fmt(r["dpo_loss"], ".4f")),
+    ("train loss", lambda r: _fmt(r["dpo_loss"], ".4f")),  # DPO, or SFT in ALMA
 ]
 
 

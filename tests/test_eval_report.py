@@ -38,7 +38,7 @@ def test_report_table(run_dir, capsys):
     lines = out.splitlines()
     assert "status: running" in lines[0]
     header = lines[1]
-    for name in ("round", "prompts", "pairs", "judge score", "WR vs start %", "LC WR vs start %", "IF prompt acc", "judge agree", "DPO loss"):
+    for name in ("round", "prompts", "pairs", "judge score", "WR vs start %", "LC WR vs start %", "IF prompt acc", "judge agree", "train loss"):
         assert name in header
     row0, row1, row2 = lines[3], lines[4], lines[5]
     assert row0.split()[:2] == ["0", "start"] and "50.0 ± 0.0" in row0 and "0.250" in row0
