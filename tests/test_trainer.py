@@ -150,6 +150,21 @@ def test_weighted_zero_weight_and_half_epsilon_do_not_move(base, worker, tmp_pat
     assert max_abs_diff(weights(out), weights(base)) < 1e-7
 
 
+def test_first_step_measures_dropout_noise(base, worker, tmp_path):
+    """The first step's loss is ln 2 and its rewards 0 while the policy equals its reference, as long as
+    both see the same network: with train.dropout=0 it is so; with 0.1 the policy's dropout alone moves
+    them (the reference's log-probs are taken without it). train/first_* is what a round logs of it."""
+    first = {}
+    for dropout in (0.0, 0.1):
+        cfg = make_cfg(dropout=dropout, batch_size=4, micro_batch_size=4)
+        first[dropout] = worker.train(make_pairs(8), base, str(tmp_path / f"d{dropout}"), cfg, seed=0)["metrics"]
+    assert first[0.0]["train/first_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert first[0.0]["train/first_rewards_chosen"] == pytest.approx(0.0, abs=1e-4)
+    assert first[0.0]["train/first_rewards_margins"] == pytest.approx(0.0, abs=1e-4)
+    assert abs(first[0.1]["train/first_loss"] - math.log(2)) > 1e-3
+    assert abs(first[0.1]["train/first_rewards_chosen"]) > 1e-3
+
+
 def chosen_token_nll(base: str, pairs: list[dict]) -> float:
     """Mean over pairs of the chosen reply's mean token NLL under ``base``, computed here directly."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -336,13 +336,16 @@ def save_checkpoint(model: Any, base_checkpoint: str, output_dir: str) -> None:
 
 
 def _summarize(log_history: list[dict[str, Any]]) -> dict[str, float]:
-    """Average TRL's per-step logs (the entries with a ``loss``) under our names, plus the last values."""
+    """Average TRL's per-step logs (the entries with a ``loss``) under our names, plus the first and
+    last values (the first step's loss is ln 2 and its rewards 0 when the policy still equals its
+    reference and both see the same network: dropout in training alone moves them)."""
     steps = [e for e in log_history if "loss" in e and "train_loss" not in e]
     out: dict[str, float] = {}
     for src, dst in METRIC_NAMES.items():
         values = [float(e[src]) for e in steps if e.get(src) is not None]
         if values:
             out[dst] = sum(values) / len(values)
+            out[dst.replace("train/", "train/first_", 1)] = values[0]
             out[dst.replace("train/", "train/last_", 1)] = values[-1]
     lrs = [float(e["learning_rate"]) for e in steps if "learning_rate" in e]
     if lrs:
