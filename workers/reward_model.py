@@ -300,7 +300,6 @@ def _summarize(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-
 def _train_with_trainer(
     model: Any, tokenizer: Any, enc: _Encoder, train_pairs: list[Pair], mode: str, cfg: Section, seed: int, use_cuda: bool
 ) -> tuple[Any, int, int, dict[str, float], float]:
