@@ -6,7 +6,7 @@ module has no heavy side effects: torch / transformers / TRL are imported inside
 
 The model is ``AutoModelForSequenceClassification`` built from a local causal-LM checkpoint (the
 policy's backbone, its LM head dropped, a new linear head on the last non-pad token, initialised
-from the seed; nothing is downloaded). Full fine-tune, fp32. ``cfg`` is the whole ``reward_model``
+from the seed; nothing is downloaded), fp32. ``cfg`` is the whole ``reward_model``
 section (conf/reward_model/default.yaml), read strictly: a missing key is a KeyError naming it.
 
 Two modes (``cfg["mode"]``):
@@ -49,7 +49,10 @@ Shared rules:
   ``reward_model.json`` (mode, max_length, template, base, seed, metrics). ``score`` and
   ``mc_passes`` refuse a checkpoint that is not a sequence classifier of the right mode (a causal-LM
   checkpoint would otherwise load with a fresh random head).
-* LoRA: not implemented (full fine-tune only).
+* What trains: the whole model, or (``train_layers: k``) only the top k decoder layers, the final
+  norm and the head, in a plain torch loop over the frozen layers' output computed once
+  (workers/trunk.py); ``mc_passes`` then runs the frozen layers once and its dropout acts in the
+  top k. LoRA: not implemented.
 """
 
 from __future__ import annotations
