@@ -55,20 +55,30 @@ def run_args(seed: int, use_cuda: bool) -> dict[str, Any]:
     )
 
 
-def padded_batches(seqs: list[list[int]], pad_id: int, batch_size: int) -> Iterator[tuple[list[int], Any, Any]]:
-    """``(indices, ids, mask)`` per batch of ``seqs``, batched by length (little padding), right-padded."""
-    import torch
-
+def length_batches(seqs: list[list[int]], batch_size: int) -> Iterator[list[int]]:
+    """Indices of ``seqs`` in batches of ``batch_size``, shortest first (little padding per batch)."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(seqs[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
-            mask[row, : len(seqs[i])] = 1
-        yield idx, ids, mask
+        yield order[start : start + batch_size]
+
+
+def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """``(ids, mask)`` of ``seqs``, right-padded with ``pad_id`` to the longest."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[row, : len(s)] = 1
+    return ids, mask
+
+
+def padded_batches(seqs: list[list[int]], pad_id: int, batch_size: int) -> Iterator[tuple[list[int], Any, Any]]:
+    """``(indices, ids, mask)`` per batch of ``seqs``, batched by length (little padding), right-padded."""
+    for idx in length_batches(seqs, batch_size):
+        yield (idx, *pad_right([seqs[i] for i in idx], pad_id))
 
 
 def hang_point(point: str) -> None:

@@ -70,7 +70,7 @@ from typing import Any
 from orchestrator import chat
 from orchestrator.section import Section
 from orchestrator.types import Pair, TrainResult
-from workers.cores import CoreWorker, padded_batches, run_args, use_cores
+from workers.cores import CoreWorker, length_batches, padded_batches, run_args, use_cores
 from orchestrator.models import seal_checkpoint, verify_checkpoint
 from workers.trainer import _set_dropout, save_checkpoint  # the DPO trainer's dropout attributes and checkpoint writer
 from workers.trunk import Trunk, check_train_layers
@@ -229,9 +229,7 @@ def _trunk_logits(model: Any, trunk: Trunk, batch_size: int) -> Any:
     import torch
 
     out = torch.empty(len(trunk.ids), int(model.config.num_labels), dtype=torch.float32)
-    order = sorted(range(len(trunk.ids)), key=lambda j: len(trunk.ids[j]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in length_batches(trunk.ids, batch_size):
         out[idx] = model.score(trunk.last_token(idx, trunk.hidden(idx))).float().cpu()
     return out
 
@@ -244,16 +242,21 @@ def _pair_seqs(enc: _Encoder, pairs: list[Pair], both_orders: bool = True) -> li
     return seqs
 
 
-def _p_chosen(model: Any, seqs: list[list[int]], n: int, batch_size: int) -> tuple[list[float], list[float]]:
-    """(P(0 | T(x, c, r)), P(1 | T(x, r, c))) per pair from ``_pair_seqs``; the second is empty for one order."""
+def _reply_seqs(enc: _Encoder, pairs: list[Pair]) -> list[list[int]]:
+    """(x, chosen) for every pair, then (x, rejected) for every pair (bradley_terry)."""
+    return [enc.reply(p, p.chosen) for p in pairs] + [enc.reply(p, p.rejected) for p in pairs]
+
+
+def _chosen_probs(logits: Any, n: int) -> tuple[list[float], list[float]]:
+    """(P(0 | T(x, c, r)), P(1 | T(x, r, c))) per pair from the head's outputs over ``_pair_seqs``;
+    the second is empty for one order."""
     # float64 softmax: near-certain passes stay distinct (float32 resolves p only to ~6e-8 near 1).
-    probs = _logits(model, seqs, model.config.pad_token_id, batch_size).double().softmax(-1)
+    probs = logits.double().softmax(-1)
     return probs[:n, 0].tolist(), probs[n:, 1].tolist()
 
 
 def _rewards(model: Any, enc: _Encoder, pairs: list[Pair], batch_size: int) -> tuple[list[float], list[float]]:
-    seqs = [enc.reply(p, p.chosen) for p in pairs] + [enc.reply(p, p.rejected) for p in pairs]
-    r = _logits(model, seqs, model.config.pad_token_id, batch_size)[:, 0].tolist()
+    r = _logits(model, _reply_seqs(enc, pairs), model.config.pad_token_id, batch_size)[:, 0].tolist()
     return r[: len(pairs)], r[len(pairs) :]
 
 
@@ -283,7 +286,8 @@ def _score(model: Any, enc: _Encoder, pairs: list[Pair], mode: str, batch_size: 
         return []
     with torch.no_grad():
         if mode == "pairwise_classifier":
-            first, second = _p_chosen(model, _pair_seqs(enc, pairs), len(pairs), batch_size)
+            logits = _logits(model, _pair_seqs(enc, pairs), model.config.pad_token_id, batch_size)
+            first, second = _chosen_probs(logits, len(pairs))
             return [{"p_chosen": (a + b) / 2, "p_chosen_first": a, "p_chosen_second": b} for a, b in zip(first, second)]
         chosen, rejected = _rewards(model, enc, pairs, batch_size)
         return [{"chosen": c, "rejected": r, "margin": c - r} for c, r in zip(chosen, rejected)]
@@ -427,7 +431,7 @@ def _train_top_layers(
     for p in model.parameters():
         p.requires_grad_(True)
     metrics = {"rm/loss_first": losses[0], "rm/loss_last": losses[-1], "rm/loss": sum(losses) / len(losses), "rm/train_layers": float(top)}
-    return model, len(seqs) if mode == "pairwise_classifier" else len(units), len(losses), metrics, train_s
+    return model, len(units), len(losses), metrics, train_s
 
 
 class RewardModelWorker(CoreWorker):
@@ -615,10 +619,7 @@ class RewardModelWorker(CoreWorker):
         batch_size = int(cfg["eval_batch_size"])
         both = orders == "both"
         n = len(pairs)
-        if mode == "pairwise_classifier":
-            seqs = _pair_seqs(enc, pairs, both_orders=both)
-        else:
-            seqs = [enc.reply(p, p.chosen) for p in pairs] + [enc.reply(p, p.rejected) for p in pairs]
+        seqs = _pair_seqs(enc, pairs, both_orders=both) if mode == "pairwise_classifier" else _reply_seqs(enc, pairs)
         if enc.truncated:
             log.warning("MC dropout: %d of %d sequences cut to their last %s tokens", enc.truncated, len(seqs), enc.max_length)
         # train_layers: the frozen layers run once (eval mode) and dropout acts in the top layers alone,
@@ -629,16 +630,15 @@ class RewardModelWorker(CoreWorker):
         passes: list[list[float]] = []
         with torch.no_grad():
             for _ in range(T):
-                if trunk is not None and trunk.partial:
+                if trunk is not None:
                     logits = _trunk_logits(model, trunk, batch_size)
                 else:
                     logits = _logits(model, seqs, model.config.pad_token_id, batch_size)
-                # float64: near-certain passes stay distinct (float32 resolves p only to ~6e-8 near 1).
-                logits = logits.double()
                 if mode == "bradley_terry":
-                    passes.append(torch.sigmoid(logits[:n, 0] - logits[n:, 0]).tolist())
+                    # float64: near-certain passes stay distinct (float32 resolves p only to ~6e-8 near 1).
+                    r = logits[:, 0].double()
+                    passes.append(torch.sigmoid(r[:n] - r[n:]).tolist())
                     continue
-                probs = logits.softmax(-1)
-                first, second = probs[:n, 0].tolist(), probs[n:, 1].tolist()
+                first, second = _chosen_probs(logits, n)
                 passes.append([(a + b) / 2 for a, b in zip(first, second)] if both else first)
         return [list(col) for col in zip(*passes)]

@@ -17,6 +17,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from workers.cores import length_batches, pad_right
+
 
 def check_train_layers(k: Any, key: str) -> int | None:
     """``k`` as an int >= 1, or None (full fine-tune); a ValueError naming ``key`` otherwise."""
@@ -63,11 +65,9 @@ class Trunk:
         was_training = self.model.training
         self.model.eval()
         features: list[Any] = [None] * len(self.ids)
-        by_length = sorted(range(len(self.ids)), key=lambda j: len(self.ids[j]))  # little padding per batch
         try:
             with torch.no_grad():
-                for start in range(0, len(by_length), batch_size):
-                    seqs = by_length[start : start + batch_size]
+                for seqs in length_batches(self.ids, batch_size):
                     ids, mask = self.padded(seqs)
                     self.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
                     states = captured.pop()
@@ -81,14 +81,7 @@ class Trunk:
 
     def padded(self, seqs: list[int]) -> tuple[Any, Any]:
         """(input ids, attention mask) of sequences ``seqs``, right-padded, on the model's device."""
-        import torch
-
-        width = max(len(self.ids[j]) for j in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, j in enumerate(seqs):
-            ids[row, : len(self.ids[j])] = torch.tensor(self.ids[j], dtype=torch.long)
-            mask[row, : len(self.ids[j])] = 1
+        ids, mask = pad_right([self.ids[j] for j in seqs], self.pad_id)
         device = self.model.device
         return ids.to(device), mask.to(device)
 

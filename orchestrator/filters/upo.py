@@ -16,8 +16,8 @@ For round t, with the round's judged pairs P (chosen/rejected by the judge)::
 Departures, on purpose (each also in conf/filters/upo.yaml):
 
 * **Labels.** The paper trains the estimator on a human-labelled seed set (UltraFeedback). The
-  default ``seed_pairs: builtin`` keeps that setting with the project's own rated seed (48 pairs,
-  ``builtin_seed_pairs``), so the estimator does not depend on the judge it checks. With
+  default ``seed_pairs: builtin`` keeps that setting with the project's own labelled pairs (96,
+  balanced for length: ``builtin_seed_pairs``), so the estimator does not depend on the judge it checks. With
   ``seed_pairs: null`` its labels are *bootstrapped from the judge*: the judged pairs of this round
   and the earlier ones (``pairs`` stage, before any filter); it then learns the judge's majority
   view and flags the pairs that disagree with it, trained on the pairs it filters (in-sample). On
@@ -61,8 +61,13 @@ from workers.trunk import check_train_layers
 log = logging.getLogger(__name__)
 
 ESTIMATOR = "upo_estimator"  # the role and the round's checkpoint name
-BUILTIN = "builtin"  # seed_pairs: the labelled pairs built from the project's rated seed
+BUILTIN = "builtin"  # seed_pairs: the project's own labelled pairs (builtin_seed_pairs)
 LN2 = math.log(2.0)
+
+
+def estimator_metrics(rm_metrics: dict[str, Any]) -> dict[str, float]:
+    """The reward-model worker's ``rm/*`` training metrics under the filter's names, ``upo/estimator_*``."""
+    return {f"upo/estimator_{k.removeprefix('rm/')}": float(v) for k, v in rm_metrics.items()}
 
 
 def builtin_seed_pairs() -> list[Pair]:
@@ -203,7 +208,7 @@ class UPOFilter:
             metrics = json.loads((Path(path) / METADATA_FILE).read_text())["metrics"]
         except (OSError, ValueError, KeyError, TypeError):
             return {}
-        return {f"upo/estimator_{k.removeprefix('rm/')}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        return estimator_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
     def estimator_path(self, ctx: StageContext, pairs: list[Pair]) -> tuple[str, dict[str, float]]:
         """This round's estimator (trained once, a named checkpoint of the round), or round 1's when not refreshed."""
@@ -228,7 +233,7 @@ class UPOFilter:
 
         def build(out: Path) -> dict[str, float]:
             result = ctx.workers.run(ESTIMATOR, RewardModelWorker, "train", [p.to_dict() for p in labelled], base, str(out), self.estimator, seed)
-            return {f"upo/estimator_{k.removeprefix('rm/')}": float(v) for k, v in result["metrics"].items()}
+            return estimator_metrics(result["metrics"])
 
         path = ctx.round.checkpoint(ESTIMATOR, f"{ctx.name}_estimator", build)
         return path, {"upo/estimator_round": float(ctx.round.index), "upo/labelled_pairs": float(len(labelled))}
