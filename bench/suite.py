@@ -208,7 +208,11 @@ def bench_judging(worker: Any, hf: Any, tokenizer: Any, gens: list[Any], judge_c
     from orchestrator import judging
 
     cfg = {**judge_cfg, "mode": "score_only"}
+    before = worker.prefix_cache()
     judgments, ours_s = timed(worker.score, gens, cfg)
+    after = worker.prefix_cache()
+    asked = after["prompt_tokens"] - before["prompt_tokens"]
+    hit_rate = (after["cached_tokens"] - before["cached_tokens"]) / asked if asked else 0.0
     fits = lambda prompt: worker.fits(prompt, judging.SCORE_PREFIX, 2)  # noqa: E731 - the same cut the stage makes
     prompts = [judging.fitted_prompt(g.messages, g.text, fits) for g in gens]
     choices = judging.score_choices(judge_cfg["min_score"], judge_cfg["max_score"])
@@ -216,7 +220,7 @@ def bench_judging(worker: Any, hf: Any, tokenizer: Any, gens: list[Any], judge_c
     diffs = [abs(a.score - b) for a, b in zip(judgments, naive) if a.score is not None and b is not None]
     flops = 2 * params * tokens  # the same tokens for both: vLLM reuses the cached rubric prefix instead of computing it
     return {
-        "responses": len(gens), "judge_prompt_tokens": tokens,
+        "responses": len(gens), "judge_prompt_tokens": tokens, "prefix_cache_hit_rate": hit_rate,
         "ours_s": ours_s, "ours_per_s": len(gens) / ours_s, "naive_s": naive_s, "naive_per_s": len(gens) / naive_s,
         "speedup": naive_s / ours_s if ours_s > 0 else 0.0,
         "score_abs_diff_mean": statistics.fmean(diffs) if diffs else None,
@@ -460,7 +464,8 @@ def summary(report: dict[str, Any]) -> str:
     if "judging" in report:
         j = report["judging"]
         lines.append(f"(2) judging: ours {j['ours_per_s']:.2f} resp/s vs naive HF forward {j['naive_per_s']:.2f} resp/s "
-                     f"-> {fmt(r['judging_speedup'], '.2f')}x (mean |score diff| {fmt(j['score_abs_diff_mean'], '.3f')})")
+                     f"-> {fmt(r['judging_speedup'], '.2f')}x (mean |score diff| {fmt(j['score_abs_diff_mean'], '.3f')}; "
+                     f"prefix cache served {j['prefix_cache_hit_rate']:.0%} of our prompt tokens)")
     if "dpo" in report:
         d = report["dpo"]
         lines.append(f"(3) DPO: ours {d['ours_pairs_per_s']:.3f} pairs/s vs plain TRL {d['plain_trl_pairs_per_s']:.3f} pairs/s "

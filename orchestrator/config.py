@@ -48,6 +48,17 @@ def resolve_run_dir(cfg: DictConfig) -> str:
 OmegaConf.register_new_resolver("run_dir_path", run_dir_path, replace=True)
 
 
+def package_data(name: str) -> str:
+    """``${package_data:if_train_prompts.jsonl}``: the absolute path of a data file shipped in the
+    package (orchestrator/data), so a config can name one whatever the working directory."""
+    from orchestrator.data import package_file
+
+    return str(package_file(str(name)))
+
+
+OmegaConf.register_new_resolver("package_data", package_data, replace=True)
+
+
 def check(ok: bool, key: str, value: object, want: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: {want}")
@@ -163,6 +174,7 @@ def validate(cfg: DictConfig) -> None:
     check(str(cfg.train.save_dtype) in trainer.SAVE_DTYPES, "train.save_dtype", cfg.train.save_dtype, f"one of {', '.join(trainer.SAVE_DTYPES)}")
     check(number(cfg, "train.beta") > 0, "train.beta", cfg.train.beta, "> 0")
     check(number(cfg, "train.learning_rate") > 0, "train.learning_rate", cfg.train.learning_rate, "> 0")
+    check(number(cfg, "train.nll_weight") >= 0, "train.nll_weight", cfg.train.nll_weight, ">= 0")
     check(number(cfg, "train.epochs") >= 1 and whole("train.epochs"), "train.epochs", cfg.train.epochs, "a whole number >= 1")
     micro = cfg.train.micro_batch_size if cfg.train.micro_batch_size is not None else cfg.train.batch_size
     check(

@@ -80,6 +80,9 @@ def collect(run_dir: str | Path) -> list[dict[str, Any]]:
                 "winrate_prev": _first(ev, "eval/vs_prev/winrate"),
                 "if_prompt_acc": _first(ev, "eval/if/prompt_accuracy"),
                 "if_check_acc": _first(ev, "eval/if/check_accuracy"),
+                "if_delta": _first(ev, "eval/if/vs_start/prompt_accuracy_delta"),
+                "if_delta_se": _first(ev, "eval/if/vs_start/prompt_accuracy_delta_se"),
+                "answer_tokens": _first(ev, "eval/response_tokens_mean"),
                 "judge_agreement": _first(ev, "eval/judge_agreement"),
                 "dpo_loss": _first(get("train"), "train/loss", "train/last_loss"),
                 "train_pairs": _first(get("train"), "train/pairs"),
@@ -104,7 +107,9 @@ COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("LC WR vs start %", lambda r: "-" if r["lc_winrate"] is None else f"{r['lc_winrate']:.1f} ± {_fmt(r['lc_winrate_se'], '.1f')}"),
     ("WR vs prev %", lambda r: _fmt(r["winrate_prev"], ".1f")),
     ("IF prompt acc", lambda r: _fmt(r["if_prompt_acc"], ".3f")),
+    ("IF Δ vs start", lambda r: "-" if r["if_delta"] is None else f"{r['if_delta']:+.3f} ± {_fmt(r['if_delta_se'], '.3f')}"),
     ("IF check acc", lambda r: _fmt(r["if_check_acc"], ".3f")),
+    ("answer tokens", lambda r: _fmt(r["answer_tokens"], ".0f")),  # the length trend: growth is the usual failure
     ("judge agree", lambda r: _fmt(r["judge_agreement"], ".3f")),
     ("train loss", lambda r: _fmt(r["dpo_loss"], ".4f")),  # DPO, or SFT in ALMA
 ]

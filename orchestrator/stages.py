@@ -179,8 +179,17 @@ def refine_responses(
 def judge_responses(
     call: Call, judge: Any, generations: list[Generation], cfg: dict[str, Any]
 ) -> tuple[list[Judgment], dict[str, float]]:
+    # vLLM judges count the prompt tokens their prefix cache served: every judge prompt starts with
+    # the same rubric, so a low share means the cache is off or evicted.
+    counted = hasattr(judge, "prefix_cache")
+    before = call(judge, "prefix_cache") if counted else None
     judgments: list[Judgment] = call(judge, "score", generations, cfg)
     metrics = {**judging.judgment_metrics(judgments), **judging.injection_metrics(generations)}
+    if before is not None:
+        after = call(judge, "prefix_cache")
+        asked = after["prompt_tokens"] - before["prompt_tokens"]
+        if asked > 0:
+            metrics["judge/prefix_cache_hit_rate"] = (after["cached_tokens"] - before["cached_tokens"]) / asked
     if generations and metrics["judge/parse_failure_rate"] > float(cfg["max_parse_failure_rate"]):
         example = next((r for j in judgments if j.score is None for r in j.raw[:1]), "")
         raise JudgeError(

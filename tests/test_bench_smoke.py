@@ -62,3 +62,24 @@ def test_bench_quick_writes_the_five_ratios(tiny_checkpoint, tmp_path):
     assert report["handoffs"]["weight_sync_in_place_s"] > 0
     for line in ("(1) generation", "(2) judging", "(3) DPO", "(4) share of matmul peak", "(5) orchestrator overhead: 16.0%"):
         assert line in proc.stdout
+
+
+def test_sweep_variants_table_and_plot(tmp_path):
+    from bench.sweep import parse_variant, plot, row, table
+
+    assert parse_variant("paper:") == ("paper", [], None)
+    assert parse_variant("fast:train.learning_rate=1e-5,pairs=32,train.bf16=true") == (
+        "fast", ["train.learning_rate=1e-5", "train.bf16=true"], 32)
+    for bad in (":train.bf16=true", "x:train.bf16"):
+        with pytest.raises(SystemExit):
+            parse_variant(bad)
+    trained = {"steps": 4, "wall_s": 9.0, "metrics": {"train/train_s": 8.0, "train/first_loss": 0.6931, "train/loss": 0.68}}
+    ev = {"eval/vs_start/winrate": 55.5, "eval/vs_start/winrate_se": 1.25, "eval/if/prompt_accuracy": 0.2,
+          "eval/if/vs_start/prompt_accuracy_delta": 0.05, "eval/if/vs_start/prompt_accuracy_delta_se": 0.02}
+    r = row("fast", 32, trained, ev)
+    assert r["train_s"] == 8.0 and r["margin"] is None
+    text = table([r], {"eval/if/prompt_accuracy": 0.15})
+    assert "| fast | 32 | 4 | 8 | 0.6931 | 0.6800 | - | 55.5 | 1.2 | 0.200 | +0.050 | 0.020 |" in text
+    assert "| start |" in text and "0.150" in text
+    plot([r, r | {"name": "other"}], tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 1000

@@ -168,3 +168,16 @@ def test_data_file_is_jsonl_with_expected_fields():
             obj = json.loads(line)
             assert set(obj) == {"id", "prompt", "checks"}
             assert obj["id"].startswith("if-")
+
+
+def test_paired_delta_and_its_bootstrap_se():
+    now, start = [True, True, False, False] * 25, [False, True, False, False] * 25
+    delta, se = ifeval.paired_delta(now, start)
+    assert delta == pytest.approx(0.25)
+    # The paired SE is sd(now - start) / sqrt(n): 0.433 / 10 here.
+    assert se == pytest.approx(0.0433, rel=0.1)
+    # Unpaired, the two accuracies' own SEs would add to ~0.094: pairing is what makes it tight.
+    assert ifeval.paired_delta(start, start) == (0.0, 0.0)
+    with pytest.raises(ValueError):
+        ifeval.paired_delta(now, start[:-1])
+

@@ -182,6 +182,9 @@ def test_round_zero_then_rounds(setup, judge_cfg):
     assert m2["eval/vs_start/winrate"] == 50.0 and m2["eval/vs_start/identical_rate"] == 1.0
     assert m2["eval/vs_prev/winrate"] == pytest.approx(10.0)
     assert "eval/judge_agreement" not in m2  # every vs_start pair identical: nothing to agree on
+    # The same answers as the start: no IF change, and no spread in the paired bootstrap either.
+    assert m2["eval/if/vs_start/prompt_accuracy_delta"] == 0.0 and m2["eval/if/vs_start/prompt_accuracy_delta_se"] == 0.0
+    assert m1["eval/if/vs_start/prompt_accuracy_delta"] == pytest.approx(m1["eval/if/prompt_accuracy"] - m0["eval/if/prompt_accuracy"])
     prev_pairs = [r for r in store.round(2).read("eval", EvalRecord) if r.comparison == "vs_prev"]
     assert len(prev_pairs) == 5 and all(r.baseline_round == 1 and r.policy_preference is None for r in prev_pairs)
 

@@ -201,6 +201,14 @@ def test_upo_loss_adds_length_normalised_nll(base, worker, tmp_path):
     assert "train/nll_chosen" not in plain["metrics"]
     assert plain["metrics"]["train/loss"] == pytest.approx(math.log(2), rel=1e-4)
 
+    # loss=dpo with train.nll_weight (RPO): the same NLL term on plain pairs (epsilon 0).
+    rpo_pairs = make_pairs(4)
+    rpo = worker.train(rpo_pairs, base, str(tmp_path / "rpo"),
+                       make_cfg(dropout=0.0, batch_size=4, micro_batch_size=4, nll_weight=0.25), seed=0)["metrics"]
+    assert rpo["train/nll_weight"] == 0.25
+    assert rpo["train/nll_chosen"] == pytest.approx(chosen_token_nll(base, rpo_pairs), rel=1e-4)
+    assert rpo["train/loss"] == pytest.approx(math.log(2) + 0.25 * rpo["train/nll_chosen"], rel=1e-4)
+
 
 def test_errors(base, worker, tmp_path):
     out = str(tmp_path / "out")

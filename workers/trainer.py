@@ -511,8 +511,11 @@ class TrainerWorker(CoreWorker):
         epochs = int(cfg["epochs"])
         dropout = float(cfg["dropout"])
         loss = cfg["loss"]
-        weighted = loss == "upo" or _needs_weighted(pairs)
-        nll_weight = float(cfg.sub("upo")["nll_weight"]) if loss == "upo" else 0.0
+        # The chosen reply's length-normalised NLL beside the DPO term (RPO / IRPO; UPO's lambda): it
+        # keeps the chosen replies likely, where DPO alone lowers both replies' likelihood and lets
+        # the freed mass go to longer, unfinished answers (docs/sweep.md).
+        nll_weight = float(cfg.sub("upo")["nll_weight"]) if loss == "upo" else float(cfg["nll_weight"])
+        weighted = loss == "upo" or nll_weight > 0 or _needs_weighted(pairs)
         peft_config = _peft_config(cfg)
         save_dtype = str(cfg["save_dtype"])
 
@@ -577,6 +580,7 @@ class TrainerWorker(CoreWorker):
             metrics["train/pair_epsilon_mean"] = sum(float(p.get("epsilon", 0.0)) for p in pairs) / len(pairs)
         if loss == "upo":
             metrics["train/upo_nll_weight"] = nll_weight
+        metrics["train/nll_weight"] = nll_weight
         wall_s = time.perf_counter() - t_start
         log.info(
             "DPO (%s) on %d pairs: %d steps in %.1fs (%.2f pairs/s), loss %.4f -> %s",

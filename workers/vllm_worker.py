@@ -109,6 +109,7 @@ class VLLMWorker:
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.model_path = model_path
+        self._prompt_tokens = self._cached_tokens = 0
         self.asleep = False
         self.load_s = time.perf_counter() - t0
         log.info("vLLM engine for %s ready in %.1fs", model_path, self.load_s)
@@ -241,7 +242,7 @@ class VLLMWorker:
             {"prompt_token_ids": self._clip(self._token_ids(p, request.chat), request.max_tokens)}
             for p in request.prompts
         ]
-        outputs = self.llm.generate(inputs, params, use_tqdm=vllm_progress("generate"))
+        outputs = self._counted(self.llm.generate(inputs, params, use_tqdm=vllm_progress("generate")))
         return [
             Completion(
                 texts=[o.text for o in out.outputs],
@@ -250,6 +251,20 @@ class VLLMWorker:
             )
             for out in outputs
         ]
+
+    def _counted(self, outputs: list[Any]) -> list[Any]:
+        """Prompt tokens asked for and those vLLM's prefix cache served (``num_cached_tokens``)."""
+        for out in outputs:
+            self._prompt_tokens += len(out.prompt_token_ids or ())
+            self._cached_tokens += int(out.num_cached_tokens or 0)
+        return outputs
+
+    def prefix_cache(self) -> dict[str, float]:
+        """Prompt tokens since the engine started and the share the prefix cache served: judging
+        sends every response after the same rubric, so a low share means the cache is off or
+        evicted (``generation.engine.kv_cache_gib`` too small for the batch)."""
+        return {"prompt_tokens": float(self._prompt_tokens), "cached_tokens": float(self._cached_tokens),
+                "hit_rate": self._cached_tokens / self._prompt_tokens if self._prompt_tokens else 0.0}
 
     def _choice_token_ids(self, choices: list[str]) -> dict[str, list[int]]:
         """Single-token spellings of each choice, with and without a leading space."""
@@ -306,7 +321,7 @@ class VLLMWorker:
         firsts = [self._token_ids(p, chat, assistant_prefix) for p in prompts]
         seconds = [self._clip(ids + [space], 1) for ids in firsts] if space is not None else []
         firsts = [self._clip(ids, 1) for ids in firsts]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in firsts + seconds], params, use_tqdm=vllm_progress("score"))
+        outputs = self._counted(self.llm.generate([{"prompt_token_ids": ids} for ids in firsts + seconds], params, use_tqdm=vllm_progress("score")))
 
         def next_probs(out: Any) -> dict[int, float]:
             top = out.outputs[0].logprobs[0] if out.outputs[0].logprobs else {}

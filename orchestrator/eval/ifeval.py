@@ -27,7 +27,7 @@ import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from orchestrator.store import read_jsonl
 
@@ -514,3 +514,20 @@ def evaluate_if(
         for kind, oks in sorted(per_kind.items()):
             metrics[f"{prefix}/kind/{kind}"] = statistics.fmean(oks)
     return metrics
+
+
+def paired_delta(now: Sequence[bool], start: Sequence[bool], *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Mean of ``now - start`` over the same prompts and its paired-bootstrap standard error.
+
+    Paired because both answer sets are graded on the same prompts: resampling prompts (not the
+    two accuracies apart) keeps the per-prompt correlation, so the SE of a small change is honest.
+    """
+    import numpy as np
+
+    if len(now) != len(start) or not now:
+        raise ValueError(f"paired_delta: {len(now)} and {len(start)} results; need the same non-zero count")
+    diff = np.asarray(now, dtype=float) - np.asarray(start, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, size=(resamples, diff.size))].mean(axis=1)
+    return float(diff.mean()), float(means.std(ddof=1))
+

@@ -116,6 +116,18 @@ def if_results(responses: Mapping[str, str], items: Sequence[Mapping[str, Any]],
     return records, metrics
 
 
+def if_vs_start(store: RunStore, items: Sequence[Mapping[str, Any]], records: Sequence[EvalRecord]) -> dict[str, float]:
+    """IF prompt accuracy now minus the start's on the same prompts, with a paired-bootstrap SE
+    (``eval/if/vs_start/prompt_accuracy_delta``, ``..._delta_se``): the round-over-round measure of
+    instruction following, whose noise the two accuracies' own SEs would overstate."""
+    start = cached(store.round(0))
+    if not all((IF, it["id"]) in start for it in items):
+        return {}
+    was = [all(ifeval.check_response(it, start[(IF, it["id"])].text or "")) for it in items]
+    delta, se = ifeval.paired_delta([bool(r.passed) for r in records], was)
+    return {"eval/if/vs_start/prompt_accuracy_delta": delta, "eval/if/vs_start/prompt_accuracy_delta_se": se}
+
+
 def eval_stage(
     *,
     round_index: int,
@@ -154,6 +166,8 @@ def eval_stage(
         if_records, if_metrics = if_results({it["id"]: answers[(IF, it["id"])].text for it in items}, items, bool(ev["if_loose"]))
         records += if_records
         metrics.update(if_metrics)
+        if round_index > 0:
+            metrics.update(if_vs_start(store, items, if_records))
 
     t1 = time.perf_counter()
     if round_index == 0:
