@@ -126,21 +126,22 @@ def table(rows: Sequence[dict[str, Any]], start: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: Sequence[dict[str, Any]], out: Path) -> None:
+def plot(rows: Sequence[dict[str, Any]], out: Path, start: dict[str, float] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [r["name"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.3 * len(rows) * 3, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(6 + 1.2 * len(rows) * 3, 4))
     panels = [("winrate", "winrate_se", 50.0, "win rate vs start % (fixed judge, ±2 se)"),
               ("if_delta", "if_delta_se", 0.0, "IF prompt accuracy change (paired, ±2 se)"),
-              ("tokens", None, None, "mean answer tokens (eval prompts)")]
+              ("tokens", None, (start or {}).get("eval/response_tokens_mean"), "mean answer tokens (dashed: the start)")]
     for ax, (key, se, ref, title) in zip(axes, panels):
         vals = [r.get(key) or 0.0 for r in rows]
         err = [2 * (r.get(se) or 0.0) for r in rows] if se else None
-        ax.bar(range(len(rows)), vals, yerr=err, capsize=4, color="#4c72b0")
+        ax.errorbar(range(len(rows)), vals, yerr=err, fmt="o", capsize=4, color="#4c72b0")
+        ax.margins(x=0.2)
         if ref is not None:
             ax.axhline(ref, color="grey", lw=1, ls="--")
         ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
@@ -187,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows.append(row(name, len(use), trained, ev) | {"overrides": overrides})
         (out / "sweep.json").write_text(json.dumps({"pairs_file": str(args.pairs), "start": start, "variants": rows}, indent=2) + "\n")
         (out / "sweep.md").write_text(table(rows, start) + "\n")
-        plot(rows, out / "sweep.png")
+        plot(rows, out / "sweep.png", start)
         print(table(rows, start), flush=True)
 
 

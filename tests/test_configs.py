@@ -3,6 +3,8 @@ broken YAML fails here rather than in a user's run (as lightning-hydra-template'
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -52,3 +54,33 @@ def test_an_unknown_recipe_is_named():
 
     with pytest.raises(ConfigError, match="recipe='nope' is not known; choose one of: .*self_reward"):
         get_recipe("nope")
+
+
+def test_default_and_paper_self_reward_differ_only_where_the_docs_say():
+    from orchestrator.data import load_prompts
+
+    default, paper = compose_with("+experiment=self_reward"), compose_with("+experiment=self_reward_paper")
+    # The default's prompts are the shipped IF training prompts wherever the run starts from.
+    assert Path(default.data.prompts).is_absolute() and Path(default.data.prompts).name == "if_train_prompts.jsonl"
+    assert len(load_prompts(default.data.prompts)) == 480
+    assert default.judge.kind == "hybrid" and paper.judge.get("kind") is None and paper.data.prompts is None
+    assert (paper.train.learning_rate, paper.train.batch_size, paper.train.dropout, paper.train.nll_weight) == (1e-6, 16, 0.1, 0.0)
+    assert (default.train.learning_rate, default.train.batch_size, default.train.dropout, default.train.nll_weight) == (5e-5, 4, 0.0, 1.0)
+    # The method itself is the paper's in both.
+    for cfg in (default, paper):
+        assert (cfg.generation.n, cfg.generation.temperature, cfg.train.beta, cfg.judge.model) == (4, 0.7, 0.1, "policy")
+
+
+def test_package_data_names_a_shipped_file_or_fails_with_the_list():
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
+
+    from orchestrator.config import package_data
+    from orchestrator.errors import ConfigError
+
+    cfg = OmegaConf.create({"ok": "${package_data:eval_prompts.jsonl}", "bad": "${package_data:../config.py}"})
+    assert Path(cfg.ok).is_file()
+    with pytest.raises(InterpolationResolutionError, match=r"no such file in the package \(shipped: .*seed_prompts.jsonl"):
+        _ = cfg.bad
+    with pytest.raises(ConfigError, match="if_train_prompts.jsonl"):
+        package_data("nope.jsonl")

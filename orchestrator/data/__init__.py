@@ -48,7 +48,7 @@ def package_file(name: str) -> Path:
     """A data file shipped in this package, by file name; ConfigError naming the shipped ones if absent."""
     path = _package_file(name)
     if "/" in name or not path.is_file():
-        shipped = sorted(p.name for p in path.parent.glob("*.jsonl"))
+        shipped = sorted(p.name for p in _package_file(SEED_FILE).parent.glob("*.jsonl"))
         raise ConfigError(f"${{package_data:{name}}}: no such file in the package (shipped: {', '.join(shipped)})")
     return path
 
