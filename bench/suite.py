@@ -208,11 +208,9 @@ def bench_judging(worker: Any, hf: Any, tokenizer: Any, gens: list[Any], judge_c
     from orchestrator import judging
 
     cfg = {**judge_cfg, "mode": "score_only"}
-    before = worker.prefix_cache()
+    worker.prefix_cache()  # restarts the counts: the next read is the judging alone
     judgments, ours_s = timed(worker.score, gens, cfg)
-    after = worker.prefix_cache()
-    asked = after["prompt_tokens"] - before["prompt_tokens"]
-    hit_rate = (after["cached_tokens"] - before["cached_tokens"]) / asked if asked else 0.0
+    hit_rate = worker.prefix_cache()["hit_rate"]
     fits = lambda prompt: worker.fits(prompt, judging.SCORE_PREFIX, 2)  # noqa: E731 - the same cut the stage makes
     prompts = [judging.fitted_prompt(g.messages, g.text, fits) for g in gens]
     choices = judging.score_choices(judge_cfg["min_score"], judge_cfg["max_score"])

@@ -33,6 +33,9 @@ def perturbed_copy(model: str, out: str) -> str:
     for file in Path(out).glob("*.safetensors"):
         tensors = {k: (v * 1.01).contiguous() if v.is_floating_point() else v for k, v in load_file(str(file)).items()}
         save_file(tensors, str(file), metadata={"format": "pt"})
+    from orchestrator.models import seal_checkpoint
+
+    seal_checkpoint(out, reseal=True)  # a copied seal would name the old weights: the engine refuses those
     return out
 
 

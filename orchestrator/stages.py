@@ -181,15 +181,17 @@ def judge_responses(
 ) -> tuple[list[Judgment], dict[str, float]]:
     # vLLM judges count the prompt tokens their prefix cache served: every judge prompt starts with
     # the same rubric, so a low share means the cache is off or evicted.
+    # (The first call restarts the counts, so the second reads this stage's alone, on whichever engine
+    # did the work if the stage was redone on a fresh one.)
     counted = hasattr(judge, "prefix_cache")
-    before = call(judge, "prefix_cache") if counted else None
+    if counted:
+        call(judge, "prefix_cache")
     judgments: list[Judgment] = call(judge, "score", generations, cfg)
     metrics = {**judging.judgment_metrics(judgments), **judging.injection_metrics(generations)}
-    if before is not None:
-        after = call(judge, "prefix_cache")
-        asked = after["prompt_tokens"] - before["prompt_tokens"]
-        if asked > 0:
-            metrics["judge/prefix_cache_hit_rate"] = (after["cached_tokens"] - before["cached_tokens"]) / asked
+    if counted:
+        cache = call(judge, "prefix_cache")
+        if cache["prompt_tokens"] > 0:
+            metrics["judge/prefix_cache_hit_rate"] = cache["hit_rate"]
     if generations and metrics["judge/parse_failure_rate"] > float(cfg["max_parse_failure_rate"]):
         example = next((r for j in judgments if j.score is None for r in j.raw[:1]), "")
         raise JudgeError(

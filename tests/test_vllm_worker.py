@@ -95,3 +95,16 @@ def test_sync_release_and_checksum(worker, checkpoints):
     # Released and used again without a sync: the same weights come back.
     ray.get(worker.release.remote("shutdown"))
     assert greedy(worker) == out_other
+
+
+def test_prefix_cache_counts_restart_at_each_read(worker):
+    ray.get(worker.prefix_cache.remote())  # whatever earlier tests asked
+    long_prefix = "Read the rubric below with care before you answer. " * 12
+    req = GenerationRequest(prompts=[long_prefix + p for p in PROMPTS], n=1, temperature=0.0, top_p=1.0, max_tokens=2)
+    ray.get(worker.generate.remote(req))
+    first = ray.get(worker.prefix_cache.remote())
+    ray.get(worker.generate.remote(req))  # the same prompts again: their blocks are in the cache now
+    again = ray.get(worker.prefix_cache.remote())
+    assert first["prompt_tokens"] == again["prompt_tokens"] > 3 * 100
+    assert again["hit_rate"] > 0.5 and again["cached_tokens"] > first["cached_tokens"]
+    assert ray.get(worker.prefix_cache.remote())["prompt_tokens"] == 0

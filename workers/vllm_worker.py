@@ -88,6 +88,7 @@ class VLLMWorker:
         self.model_path = ""
         self.asleep = False
         self.load_s = 0.0
+        self._prompt_tokens = self._cached_tokens = 0  # read and restarted by prefix_cache()
         self._load(model_path)
 
     # -- engine lifecycle ---------------------------------------------------------------
@@ -109,7 +110,6 @@ class VLLMWorker:
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.model_path = model_path
-        self._prompt_tokens = self._cached_tokens = 0
         self.asleep = False
         self.load_s = time.perf_counter() - t0
         log.info("vLLM engine for %s ready in %.1fs", model_path, self.load_s)
@@ -260,11 +260,12 @@ class VLLMWorker:
         return outputs
 
     def prefix_cache(self) -> dict[str, float]:
-        """Prompt tokens since the engine started and the share the prefix cache served: judging
-        sends every response after the same rubric, so a low share means the cache is off or
-        evicted (``generation.engine.kv_cache_gib`` too small for the batch)."""
-        return {"prompt_tokens": float(self._prompt_tokens), "cached_tokens": float(self._cached_tokens),
-                "hit_rate": self._cached_tokens / self._prompt_tokens if self._prompt_tokens else 0.0}
+        """Prompt tokens since the previous call (or since the worker started) and the share vLLM's
+        prefix cache served; the counts restart at each call. Judging sends every response after the
+        same rubric, so a low share means the cache is off or evicted (``kv_cache_gib`` too small)."""
+        asked, cached = self._prompt_tokens, self._cached_tokens
+        self._prompt_tokens = self._cached_tokens = 0
+        return {"prompt_tokens": float(asked), "cached_tokens": float(cached), "hit_rate": cached / asked if asked else 0.0}
 
     def _choice_token_ids(self, choices: list[str]) -> dict[str, list[int]]:
         """Single-token spellings of each choice, with and without a leading space."""
