@@ -366,13 +366,17 @@ def overhead(run: Path) -> dict[str, Any]:
         stage_wall = {k.removeprefix("time/").removesuffix("_s"): v for m in metrics.values() for k, v in m.items()
                       if k.startswith("time/") and k.endswith("_s") and k.count("/") == 1}
         wall = float(state["wall_s"])
-        rounds.append({
-            "round": int(key), "wall_s": wall, "compute_s": compute, "stage_wall_s": stage_wall,
-            "overhead_s": wall - sum(compute.values()), "overhead_share": (wall - sum(compute.values())) / wall,
-        })
-    if not rounds:
-        raise SystemExit(f"bench: {run} has no finished round (manifest.json rounds.N.status=done with wall_s)")
-    return {"run_dir": str(run), "rounds": rounds, "overhead_share": statistics.fmean(r["overhead_share"] for r in rounds)}
+        row = {"round": int(key), "wall_s": wall, "compute_s": compute, "stage_wall_s": stage_wall}
+        if sum(compute.values()) > wall:
+            # A resumed round's wall time counts only what ran after the resume, its stage files all
+            # of it: its overhead cannot be told, and a negative one would pull the mean down.
+            rounds.append(row | {"resumed": True, "overhead_s": None, "overhead_share": None})
+            continue
+        rounds.append(row | {"overhead_s": wall - sum(compute.values()), "overhead_share": (wall - sum(compute.values())) / wall})
+    measured = [r["overhead_share"] for r in rounds if r["overhead_share"] is not None]
+    if not measured:
+        raise SystemExit(f"bench: {run} has no finished round that ran in one go (manifest.json rounds.N.status=done with wall_s)")
+    return {"run_dir": str(run), "rounds": rounds, "overhead_share": statistics.fmean(measured)}
 
 
 # -- the suite --------------------------------------------------------------------------------
@@ -475,7 +479,9 @@ def summary(report: dict[str, Any]) -> str:
     lines.append("(4) share of matmul peak: " + ", ".join(f"{k} {v:.1%}" for k, v in r["flops_share"].items()))
     ov = report.get("overhead", {})
     lines.append(f"(5) orchestrator overhead: {fmt(r['overhead_share'], '.1%')} of a round" +
-                 (f" ({ov['run_dir']}, {len(ov['rounds'])} rounds)" if "rounds" in ov else f" ({ov.get('error', 'skipped')})"))
+                 (f" ({ov['run_dir']}, {sum(x['overhead_share'] is not None for x in ov['rounds'])} rounds"
+                  f"{'; resumed rounds left out' if any(x.get('resumed') for x in ov['rounds']) else ''})"
+                  if "rounds" in ov else f" ({ov.get('error', 'skipped')})"))
     return "\n".join(lines)
 
 

@@ -83,3 +83,14 @@ def test_sweep_variants_table_and_plot(tmp_path):
     assert "| start |" in text and "0.150" in text
     plot([r, r | {"name": "other"}], tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_overhead_leaves_out_a_resumed_round(tmp_path):
+    from bench.suite import overhead
+
+    run = fake_run(tmp_path / "run")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["rounds"]["1"]["wall_s"] = 50.0  # resumed: less wall time than its stages' compute (84 s)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match="ran in one go"):
+        overhead(run)
