@@ -51,20 +51,15 @@ FULL = dict(prompts=64, n=4, max_tokens=192, hf_batch=16, pairs=32, train_batch=
 # -- helpers ----------------------------------------------------------------------------------
 def default_model() -> str:
     """The default model as ``orchestrate`` resolves it (conf/model/smollm2_135m.yaml)."""
-    from hydra import compose, initialize_config_dir
-
     from orchestrator.models import resolve_model_path
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config")
-    return resolve_model_path(cfg.model)
+    return resolve_model_path(project_config().model)
 
 
 def project_config() -> Any:
-    from hydra import compose, initialize_config_dir
+    from orchestrator.submit import compose_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config")
+    return compose_config([])
 
 
 def matmul_params(model_dir: str) -> int:
@@ -367,12 +362,13 @@ def overhead(run: Path) -> dict[str, Any]:
                       if k.startswith("time/") and k.endswith("_s") and k.count("/") == 1}
         wall = float(state["wall_s"])
         row = {"round": int(key), "wall_s": wall, "compute_s": compute, "stage_wall_s": stage_wall}
-        if sum(compute.values()) > wall:
+        spare = wall - sum(compute.values())
+        if spare < 0:
             # A resumed round's wall time counts only what ran after the resume, its stage files all
             # of it: its overhead cannot be told, and a negative one would pull the mean down.
             rounds.append(row | {"resumed": True, "overhead_s": None, "overhead_share": None})
             continue
-        rounds.append(row | {"overhead_s": wall - sum(compute.values()), "overhead_share": (wall - sum(compute.values())) / wall})
+        rounds.append(row | {"overhead_s": spare, "overhead_share": spare / wall})
     measured = [r["overhead_share"] for r in rounds if r["overhead_share"] is not None]
     if not measured:
         raise SystemExit(f"bench: {run} has no finished round that ran in one go (manifest.json rounds.N.status=done with wall_s)")

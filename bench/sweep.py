@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from orchestrator.eval.generations import GENERATIONS_FILE
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # What the table shows of each variant's eval (orchestrate-eval's round 1) and training.
@@ -68,13 +70,10 @@ def parse_variant(spec: str) -> tuple[str, list[str], int | None]:
 
 
 def train_config(overrides: Sequence[str]) -> dict[str, Any]:
-    from hydra import compose, initialize_config_dir
-
     from orchestrator.config import to_plain
+    from orchestrator.submit import compose_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["+experiment=self_reward", *overrides])
-    return to_plain(cfg.train)
+    return to_plain(compose_config(["+experiment=self_reward", *overrides]).train)
 
 
 def train_variant(pairs: list[dict[str, Any]], base: str, out: str, cfg: dict[str, Any], result_file: str) -> None:
@@ -89,8 +88,6 @@ def train_variant(pairs: list[dict[str, Any]], base: str, out: str, cfg: dict[st
 
 def evaluate(checkpoint: str, run_dir: Path, start_cache: Path | None, overrides: Sequence[str]) -> dict[str, float]:
     """``orchestrate-eval`` of one checkpoint; the start's answers come from ``start_cache`` when given."""
-    from orchestrator.eval.generations import GENERATIONS_FILE
-
     if start_cache is not None and not (run_dir / "manifest.json").exists():
         (run_dir / "rounds" / "round_000").mkdir(parents=True, exist_ok=True)
         shutil.copy(start_cache, run_dir / "rounds" / "round_000" / GENERATIONS_FILE)
@@ -181,8 +178,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"== {name}: evaluating {ckpt}", flush=True)
         run_dir = out / "eval" / name
         ev = evaluate(str(ckpt), run_dir, start_cache, args.eval)
-        from orchestrator.eval.generations import GENERATIONS_FILE
-
         start_cache = start_cache or run_dir / "rounds" / "round_000" / GENERATIONS_FILE
         start = start or json.loads((run_dir / "rounds" / "round_000" / "eval.metrics.json").read_text())
         rows.append(row(name, len(use), trained, ev) | {"overrides": overrides})
