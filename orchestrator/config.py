@@ -102,7 +102,7 @@ def check_counts_and_names(cfg: DictConfig) -> None:
     for key, at_least in WHOLE_NUMBERS.items():
         if OmegaConf.select(cfg, key, default=None) is not None:
             whole_number(cfg, key, at_least)
-    for key in ("resume", "train.bf16", "train.gradient_checkpointing"):
+    for key in ("resume", "train.bf16", "train.gradient_checkpointing", "train.pack"):
         if OmegaConf.select(cfg, key, default=None) is not None:
             flag(cfg, key)
     for key in ("recipe", "experiment_name", "tracking.experiment"):

@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,16 @@ if TYPE_CHECKING:
 sys.path.insert(0, str(Path(__file__).parent))
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Greedy eval answers are shared across runs through a cache in the user's home by default
+# (eval.answer_cache). Tests never read the home one: a folder for this session (what module-scoped
+# runs use) and a fresh one for each test (below), so no test is served another test's answers.
+os.environ["ORCHESTRATOR_EVAL_ANSWER_CACHE"] = tempfile.mkdtemp(prefix="eval-answers-")
+
+
+@pytest.fixture(autouse=True)
+def _own_eval_answer_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCHESTRATOR_EVAL_ANSWER_CACHE", str(tmp_path / "eval-answers"))
 
 
 @pytest.fixture(scope="session")

@@ -110,7 +110,7 @@ def test_full_finetune(base, worker, tmp_path):
     result = worker.train(make_pairs(10), base, out, make_cfg(), seed=1)
     check_result(result, out, 10, 4)
     check_checkpoint(out, base)
-    assert result["metrics"]["train/weighted"] == 0.0
+    assert result["metrics"]["train/packed"] == 1.0  # the default: prefix-shared rows, our loss
     assert result["metrics"]["train/lr_last"] < result["metrics"]["train/lr_first"]
 
 
@@ -125,7 +125,7 @@ def test_lora_merged(base, worker, tmp_path):
 
 def test_weighted_matches_plain_at_defaults(base, worker, tmp_path, monkeypatch):
     """The weighted loss with w=1, eps=0 is TRL's sigmoid loss: same metrics, same weights."""
-    cfg = make_cfg(dropout=0.0, batch_size=4, micro_batch_size=4)
+    cfg = make_cfg(dropout=0.0, batch_size=4, micro_batch_size=4, pack=False)
     plain = worker.train(make_pairs(4), base, str(tmp_path / "plain"), cfg, seed=3)
     monkeypatch.setattr(trainer_mod, "_needs_weighted", lambda pairs: True)
     weighted = worker.train(make_pairs(4), base, str(tmp_path / "weighted"), cfg, seed=3)
@@ -133,6 +133,27 @@ def test_weighted_matches_plain_at_defaults(base, worker, tmp_path, monkeypatch)
     for key in METRIC_KEYS[:-1]:
         assert weighted["metrics"][key] == pytest.approx(plain["metrics"][key], rel=1e-4, abs=1e-6), key
     assert max_abs_diff(weights(str(tmp_path / "plain")), weights(str(tmp_path / "weighted"))) < 1e-6
+
+
+def test_packed_matches_padded(base, worker, tmp_path):
+    """train.pack: the same training as TRL's padded rows (its stock trainer), up to float rounding:
+    the same log-probs and loss at every step and the same weights after three steps. Pairs of unequal
+    reply lengths, two pairs a pass, so both the padding and the block-diagonal mask are exercised."""
+    pairs = make_pairs(12)
+    for i, p in enumerate(pairs):
+        p["chosen"] = p["chosen"] + " Indeed." * (i % 4)
+    results = {}
+    for pack in (False, True):
+        cfg = make_cfg(dropout=0.0, batch_size=4, micro_batch_size=2, pack=pack)
+        results[pack] = worker.train(pairs, base, str(tmp_path / f"pack{pack}"), cfg, seed=5)
+    padded, packed = results[False]["metrics"], results[True]["metrics"]
+    assert padded["train/packed"] == padded["train/weighted"] == 0.0 and packed["train/packed"] == 1.0
+    for key in ("train/first_logps_chosen", "train/first_logps_rejected", "train/first_loss",
+                "train/logps_chosen", "train/logps_rejected", "train/loss", "train/last_loss", "train/rewards_margins"):
+        assert packed[key] == pytest.approx(padded[key], rel=1e-3, abs=1e-4), key
+    base_w, a, b = weights(base), weights(str(tmp_path / "packFalse")), weights(str(tmp_path / "packTrue"))
+    moved = max_abs_diff(a, base_w)
+    assert moved > 1e-3 and max_abs_diff(a, b) < 0.01 * moved
 
 
 def test_weighted_zero_weight_and_half_epsilon_do_not_move(base, worker, tmp_path):
@@ -251,7 +272,7 @@ def test_trainer_prompt_ids_are_the_samplers(base, tmp_path):
     ]
     long = chat.user("The quick brown fox jumps over the lazy dog. " * 20)
     pairs = [*make_pairs(1), *make_pairs(1, prompt_id="multi", messages=multi), *make_pairs(1, prompt_id="long", messages=long)]
-    plain_cls, _, _ = trainer_mod._make_trainer_classes()
+    plain_cls, *_ = trainer_mod._make_trainer_classes()
     args = DPOConfig(output_dir=str(tmp_path), max_length=200, report_to="none", use_cpu=True)
     model = AutoModelForCausalLM.from_pretrained(base)
     prepared = plain_cls(model=model, args=args, train_dataset=trainer_mod._dataset(pairs, False), processing_class=tok).train_dataset

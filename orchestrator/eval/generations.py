@@ -3,7 +3,9 @@
 Two sets: the held-out prompts (``eval.prompts``, compared pairwise) and the IF prompts
 (``eval.if_prompts``, checked programmatically). Neither may appear among the training prompts.
 The evaluated model answers each prompt once with ``eval.decoding``; the answers are cached in
-``rounds/round_XXX/eval_generations.jsonl`` (written atomically), so a resumed run never redoes them.
+``rounds/round_XXX/eval_generations.jsonl`` (written atomically), so a resumed run never redoes them,
+and greedy answers also in ``eval.answer_cache`` (answer_cache.py), so another run of the same model
+reuses them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from orchestrator.config import to_plain
 from orchestrator.data import eval_prompts_path, load_prompts
 from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.eval import ifeval
+from orchestrator.eval.answer_cache import AnswerCache
 from orchestrator.roles import call
 from orchestrator.section import Section
 from orchestrator.store import RoundDir, read_jsonl, write_jsonl
@@ -115,15 +118,26 @@ def has_responses(rdir: RoundDir) -> bool:
 
 def generate_cached(
     policy: Any, rdir: RoundDir, want: Sequence[tuple[Key, Messages]], decoding: Mapping[str, Any],
-    file: str = GENERATIONS_FILE,
-) -> tuple[dict[Key, Response], int]:
-    """One answer per wanted prompt; cached ones (in the round's ``file``) are reused.
+    file: str = GENERATIONS_FILE, shared: AnswerCache | None = None,
+) -> tuple[dict[Key, Response], int, int]:
+    """One answer per wanted prompt; cached ones (in the round's ``file``) are reused, then those in
+    ``shared`` (the same model's greedy answers from another run, answer_cache.py).
 
-    Returns (all cached answers by key, how many were generated now).
+    Returns (all cached answers by key, how many were generated now, how many came from ``shared``).
     """
     cache = cached(rdir, file)
     # A cached answer counts only for the same prompt (a changed prompt file is answered anew).
     missing = [(key, msgs) for key, msgs in want if key not in cache or cache[key].messages != msgs]
+    reused = 0
+    if missing and shared is not None:
+        found = shared.lookup([msgs for _, msgs in missing], Response)
+        for ((kind, pid), msgs), hit in zip(missing, found):
+            if hit is not None:
+                cache[(kind, pid)] = Response(kind, pid, msgs, hit.text, hit.num_tokens, hit.finish_reason)
+        reused = sum(hit is not None for hit in found)
+        missing = [m for m, hit in zip(missing, found) if hit is None]
+        if reused:
+            write_jsonl(rdir.path / file, list(cache.values()))
     if missing:
         request = GenerationRequest(
             prompts=[msgs for _, msgs in missing],
@@ -139,4 +153,6 @@ def generate_cached(
         for ((kind, pid), msgs), comp in zip(missing, completions):
             cache[(kind, pid)] = Response(kind, pid, msgs, comp.texts[0], int(comp.num_tokens[0]), str(comp.finish_reasons[0]))
         write_jsonl(rdir.path / file, list(cache.values()))
-    return cache, len(missing)
+        if shared is not None:
+            shared.add([cache[key] for key, _ in missing], Response)
+    return cache, len(missing), reused

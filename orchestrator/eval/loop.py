@@ -14,8 +14,10 @@ from orchestrator.data import load_prompts
 from orchestrator.eval.config import START
 from orchestrator.eval.plot import plot_run
 from orchestrator.eval.stage import STAGE, EvalRecord, eval_stage, summary_line
-from orchestrator.models import check_checkpoint_dir
+from orchestrator.eval.answer_cache import answer_cache
+from orchestrator.models import check_checkpoint_dir, checkpoint_fingerprint
 from orchestrator.roles import Role, endpoint_resumable, vllm_role
+from orchestrator.section import Section
 from orchestrator.types import Prompt
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,12 @@ def fixed_judge(ctl: Controller) -> Any:
     return ctl.workers.serve(JUDGE, ctl.model_path(0) if model == START else str(check_checkpoint_dir(model, what="eval.judge.model")))
 
 
+def model_fingerprint(ctl: Controller, index: int) -> str | None:
+    """The identity of the policy after round ``index`` for the shared answer cache: the manifest's
+    checksum, or for the starting model the fingerprint of its files."""
+    return ctl.checkpoint_sha256(index) if index > 0 else checkpoint_fingerprint(ctl.model_path(0))
+
+
 def evaluate(rnd: Round) -> None:
     """The end of round ``rnd.index`` (after training): evaluate the new policy when it is due.
 
@@ -76,9 +84,11 @@ def evaluate(rnd: Round) -> None:
         return
 
     def run(index: int) -> tuple[list[EvalRecord], dict[str, float]]:
+        ev = Section("eval", to_plain(ctl.cfg.eval))
         return eval_stage(
             round_index=index, policy=ctl.policy(index + 1), fixed_judge=fixed_judge(ctl), store=ctl.store,
-            cfg=to_plain(ctl.cfg.eval), judge_cfg=to_plain(ctl.cfg.judge), train_prompts=training_prompts(ctl, rnd.index),
+            cfg=ev, judge_cfg=to_plain(ctl.cfg.judge), train_prompts=training_prompts(ctl, rnd.index),
+            shared_answers=answer_cache(ev, model_fingerprint(ctl, index), to_plain(ctl.cfg.generation.engine)),
         )
 
     start = Round(ctl, 0)

@@ -47,7 +47,7 @@ def refine_chain(
     generated = 0
     for step in range(1, int(ev["refine_steps"]) + 1):
         prompts = [(key, refine_messages(msgs, previous[key].text, template, fmt)) for key, msgs in want]
-        answers, n = generate_cached(policy, rdir, prompts, ev.sub("decoding"), file=refine_file(step))
+        answers, n, _ = generate_cached(policy, rdir, prompts, ev.sub("decoding"), file=refine_file(step))
         generated += n
         previous = {key: answers[key] for key, _ in want}
     return {key: dataclasses.replace(previous[key], messages=msgs) for key, msgs in want}, generated

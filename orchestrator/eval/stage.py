@@ -34,6 +34,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 from orchestrator.errors import OrchestratorError
 from orchestrator.eval import ifeval
+from orchestrator.eval.answer_cache import AnswerCache
 from orchestrator.eval.compare import Comparison, compare, policy_as_judge, winrate_metrics
 from orchestrator.eval.generations import HELD_OUT, IF, Key, Response, cached, generate_cached, has_responses, held_out_sets, wanted
 from orchestrator.eval.refined import refined_eval
@@ -137,19 +138,21 @@ def eval_stage(
     cfg: Mapping[str, Any],
     judge_cfg: Mapping[str, Any],
     train_prompts: Sequence[str | Prompt] = (),
+    shared_answers: AnswerCache | None = None,
 ) -> tuple[list[EvalRecord], dict[str, float]]:
     """Evaluate the model that ``policy`` serves now as round ``round_index``; returns (records, metrics).
 
     Writes only the answer cache; the caller writes ``eval.jsonl`` (``run_eval``, or the round
     loop's ``Round.stage``). ``cfg``: the ``eval`` section; ``judge_cfg``: the ``judge`` section
-    (the pointwise agreement judge); ``train_prompts``: every prompt the run trains on.
+    (the pointwise agreement judge); ``train_prompts``: every prompt the run trains on;
+    ``shared_answers``: this model's greedy answers kept across runs (answer_cache.py).
     """
     t0 = time.perf_counter()
     ev = Section("eval", cfg)
     rdir = store.round(round_index)
     prompts, items = held_out_sets(ev, train_prompts)
     want = wanted(prompts, items)
-    answers, generated = generate_cached(policy, rdir, want, ev.sub("decoding"))
+    answers, generated, reused = generate_cached(policy, rdir, want, ev.sub("decoding"), shared=shared_answers)
     t_gen = time.perf_counter() - t0
     held_out = [answers[(HELD_OUT, p.id)] for p in prompts]
     answered = [answers[key] for key, _ in want]
@@ -157,6 +160,7 @@ def eval_stage(
         "eval/prompts": float(len(prompts)),
         "eval/if_prompts": float(len(items)),
         "eval/generated": float(generated),
+        "eval/answers_reused": float(reused),
         "eval/response_chars_mean": statistics.fmean(len(a.text) for a in held_out) if held_out else 0.0,
         "eval/response_tokens_mean": statistics.fmean(a.num_tokens for a in held_out) if held_out else 0.0,
         "eval/truncated_rate": sum(a.finish_reason == "length" for a in answered) / len(answered) if answered else 0.0,
