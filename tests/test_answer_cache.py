@@ -64,3 +64,18 @@ def test_a_damaged_cache_file_is_regenerated(tmp_path):
     assert asked == 2 and metrics["eval/answers_reused"] == 0
     metrics, asked, _ = start_eval(tmp_path, "again", ev, answer_cache(ev, "sha-A", {}))
     assert asked == 0 and metrics["eval/answers_reused"] == 2  # rewritten whole by the first
+
+
+def test_how_the_engine_runs_is_not_part_of_the_key(tmp_path):
+    """Settings that never change what the engine computes (threads, batch size, the sampler
+    plug-in, eager mode) keep the answers; dtype and context length do not."""
+    from orchestrator.eval.loop import computing
+
+    ev = section("eval", answer_cache=str(tmp_path))
+    engine = section("generation")["engine"]
+    key = answer_cache(ev, "sha", computing(engine)).path
+    for change in ({"fast_top_p": False}, {"max_num_seqs": 8}, {"enforce_eager": False}, {"threads": 1}):
+        assert answer_cache(ev, "sha", computing({**engine, **change})).path == key, change
+    # an unknown key is not known to be harmless: it is part of the key
+    for change in ({"dtype": "float32"}, {"max_model_len": 512}, {"new_runtime_knob": 1}):
+        assert answer_cache(ev, "sha", computing({**engine, **change})).path != key, change

@@ -16,7 +16,7 @@ from orchestrator.eval.plot import plot_run
 from orchestrator.eval.stage import STAGE, EvalRecord, eval_stage, summary_line
 from orchestrator.eval.answer_cache import answer_cache
 from orchestrator.models import check_checkpoint_dir, checkpoint_fingerprint
-from orchestrator.roles import Role, endpoint_resumable, vllm_role
+from orchestrator.roles import ENGINE_EXECUTION_KEYS, Role, endpoint_resumable, vllm_role
 from orchestrator.section import Section
 from orchestrator.types import Prompt
 
@@ -63,6 +63,12 @@ def fixed_judge(ctl: Controller) -> Any:
     return ctl.workers.serve(JUDGE, ctl.model_path(0) if model == START else str(check_checkpoint_dir(model, what="eval.judge.model")))
 
 
+def computing(engine: dict[str, Any]) -> dict[str, Any]:
+    """The engine settings that can change what it computes (the answer cache's key): a new or changed
+    setting of how it runs (threads, batch size, sampler plug-in) keeps the answers."""
+    return {k: v for k, v in engine.items() if k not in ENGINE_EXECUTION_KEYS}
+
+
 def model_fingerprint(ctl: Controller, index: int) -> str | None:
     """The identity of the policy after round ``index`` for the shared answer cache: the manifest's
     checksum, or for the starting model the fingerprint of its files."""
@@ -88,7 +94,7 @@ def evaluate(rnd: Round) -> None:
         return eval_stage(
             round_index=index, policy=ctl.policy(index + 1), fixed_judge=fixed_judge(ctl), store=ctl.store,
             cfg=ev, judge_cfg=to_plain(ctl.cfg.judge), train_prompts=training_prompts(ctl, rnd.index),
-            shared_answers=answer_cache(ev, model_fingerprint(ctl, index), to_plain(ctl.cfg.generation.engine)),
+            shared_answers=answer_cache(ev, model_fingerprint(ctl, index), computing(to_plain(ctl.cfg.generation.engine))),
         )
 
     start = Round(ctl, 0)
