@@ -202,9 +202,12 @@ def _make_trainer_classes():
             was_training = model.training
             model.eval()
             try:
-                return super().compute_ref_log_probs(model, inputs)
+                return self._ref_logps(model, inputs)
             finally:
                 model.train(was_training)
+
+        def _ref_logps(self, model, inputs):
+            return DPOTrainer.compute_ref_log_probs(self, model, inputs)
 
     @dataclass
     class PackedPairCollator:
@@ -254,27 +257,21 @@ def _make_trainer_classes():
                 if name not in self._signature_columns:
                     self._signature_columns.append(name)
 
-        def compute_ref_log_probs(self, model, inputs):
+        def _ref_logps(self, model, inputs):  # in eval mode (RefEvalDPOTrainer.compute_ref_log_probs)
             if not self.packed:
-                inputs = {k: v for k, v in inputs.items() if k not in _WEIGHT_KEYS}
-                return super().compute_ref_log_probs(model, inputs)
+                return super()._ref_logps(model, {k: v for k, v in inputs.items() if k not in _WEIGHT_KEYS})
             # TRL's reference pass, with the packed forward: no grad, no checkpointing, LoRA adapter off.
             adapter = contextlib.nullcontext()
             if self.ref_model is None and is_peft_model(self.model):
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-            was_training = model.training
-            model.eval()
-            try:
-                with (
-                    torch.no_grad(),
-                    disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-                    adapter,
-                    self.accelerator.autocast(),
-                ):
-                    return packing.pair_logps(model, inputs)
-            finally:
-                model.train(was_training)
+            with (
+                torch.no_grad(),
+                disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+                adapter,
+                self.accelerator.autocast(),
+            ):
+                return packing.pair_logps(model, inputs)
 
         def _pair_logps(self, model, inputs):
             """(chosen, rejected) summed reply log-probs and the chosen replies' token counts."""
