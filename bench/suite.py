@@ -289,7 +289,7 @@ def bench_dpo(model_dir: str, tokenizer: Any, pairs: list[dict[str, Any]], train
         "pairs": len(pairs), "batch_size": int(train["batch_size"]), "micro_batch_size": int(train["micro_batch_size"]),
         "ours_s": ours_s, "ours_worker_wall_s": ours_wall, "ours_steps": int(result["steps"]), "ours_pairs_per_s": len(pairs) / ours_s,
         "plain_trl_s": plain_s, "plain_trl_steps": plain_steps, "plain_trl_pairs_per_s": len(pairs) / plain_s,
-        "speedup": plain_s / ours_s if ours_s > 0 else 0.0,
+        "speedup": plain_s / ours_s if ours_s > 0 else 0.0, "bf16": use_bf16(train["bf16"]),
         "flops_share_ours": share(flops, ours_s, peak), "flops_share_plain_trl": share(flops, plain_s, peak),
     }
 
@@ -410,7 +410,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     judge_cfg = OmegaConf.to_container(cfg.judge, resolve=True)
     train = {**OmegaConf.to_container(cfg.train, resolve=True), "batch_size": size["train_batch"],
              "micro_batch_size": min(int(cfg.train.micro_batch_size or size["train_batch"]), size["train_batch"]),
-             "max_length": size["max_length"]}
+             "max_length": size["max_length"], **({"bf16": args.train_bf16} if args.train_bf16 is not None else {})}
 
     gens: list[Any] = []
     judgments: list[Any] = []
@@ -469,7 +469,7 @@ def summary(report: dict[str, Any]) -> str:
     if "dpo" in report:
         d = report["dpo"]
         lines.append(f"(3) DPO: ours {d['ours_pairs_per_s']:.3f} pairs/s vs plain TRL {d['plain_trl_pairs_per_s']:.3f} pairs/s "
-                     f"-> {fmt(r['dpo_speedup'], '.2f')}x")
+                     f"-> {fmt(r['dpo_speedup'], '.2f')}x ({'bf16 autocast' if d['bf16'] else 'fp32'}, both)")
     if "handoffs" in report:
         h = report["handoffs"]
         lines.append(f"handoffs: engine start {report['engine_start_s']:.1f}s, checkpoint write {h['checkpoint_write_s']:.2f}s, "
@@ -492,6 +492,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--only", nargs="+", choices=STAGES, default=None)
     for key in ("prompts", "n", "max_tokens", "hf_batch", "pairs", "train_batch", "max_length"):
         ap.add_argument(f"--{key.replace('_', '-')}", dest=key, type=int, default=None)
+    ap.add_argument("--train-bf16", choices=("false", "true", "auto"), default=None,
+                    help="train.bf16 for both DPO trainers (default: conf/train/dpo.yaml's; +experiment=self_reward uses auto)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

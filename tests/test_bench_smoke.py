@@ -59,6 +59,7 @@ def test_bench_quick_writes_the_five_ratios(tiny_checkpoint, tmp_path):
     assert report["judging"]["score_abs_diff_mean"] < 0.05
     assert report["generation"]["ours_tokens"] > 0 and report["generation"]["hf_tokens"] > 0
     assert report["dpo"]["ours_steps"] == report["dpo"]["plain_trl_steps"] == 2  # 4 pairs in batches of 2, both sides
+    assert report["dpo"]["bf16"] is False  # conf/train/dpo.yaml's default; --train-bf16 changes it for both
     assert report["handoffs"]["weight_sync_in_place_s"] > 0
     for line in ("(1) generation", "(2) judging", "(3) DPO", "(4) share of matmul peak", "(5) orchestrator overhead: 16.0%"):
         assert line in proc.stdout
