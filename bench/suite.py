@@ -282,14 +282,15 @@ def bench_dpo(model_dir: str, tokenizer: Any, pairs: list[dict[str, Any]], train
         ours_s = float(result["metrics"]["train/train_s"])
         plain_s, plain_steps = plain_trl_dpo(model_dir, pairs, train, f"{tmp}/plain")
     tokens = pair_tokens(tokenizer, pairs, int(train["max_length"]))
-    peak = peaks["bfloat16" if use_bf16(train["bf16"]) else "float32"]
+    bf16 = use_bf16(train["bf16"])
+    peak = peaks["bfloat16" if bf16 else "float32"]
     # Both compute the same: a trained forward+backward (6 x params per token) and one reference forward (2x).
     flops = 8 * params * tokens
     return {
         "pairs": len(pairs), "batch_size": int(train["batch_size"]), "micro_batch_size": int(train["micro_batch_size"]),
         "ours_s": ours_s, "ours_worker_wall_s": ours_wall, "ours_steps": int(result["steps"]), "ours_pairs_per_s": len(pairs) / ours_s,
         "plain_trl_s": plain_s, "plain_trl_steps": plain_steps, "plain_trl_pairs_per_s": len(pairs) / plain_s,
-        "speedup": plain_s / ours_s if ours_s > 0 else 0.0, "bf16": use_bf16(train["bf16"]),
+        "speedup": plain_s / ours_s if ours_s > 0 else 0.0, "bf16": bf16,
         "flops_share_ours": share(flops, ours_s, peak), "flops_share_plain_trl": share(flops, plain_s, peak),
     }
 

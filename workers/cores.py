@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 # Test-only fault injection: ORCHESTRATOR_HANG_AT=<point>@<flag file>[,...] makes the first worker that
 # reaches <point> write its pid to <flag file> and hang there, so a test can kill that worker (or let
@@ -18,6 +18,15 @@ HANG_ENV = "ORCHESTRATOR_HANG_AT"
 # A Trainer checkpoint folder is complete (every file written and fsynced) once this file exists.
 STATE_COMPLETE = "checkpoint.complete"
 STATE_INPUTS = "inputs.json"
+
+
+def auto_switch(setting: Any, auto: Callable[[], bool]) -> bool:
+    """A true/false setting, or "auto" = ``auto()`` (asked only then: it may import vLLM or probe a GPU)."""
+    if isinstance(setting, str) and setting.lower() == "auto":
+        return bool(auto())
+    if isinstance(setting, str):
+        return setting.lower() in ("true", "1", "yes")
+    return bool(setting)
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -57,7 +57,7 @@ from orchestrator.chat import encode_pair
 from orchestrator.models import seal_checkpoint, verify_checkpoint
 from orchestrator.section import Section
 from orchestrator.types import Demonstration, Pair, TrainResult
-from workers.cores import CoreWorker, cpu_has_fast_bf16, hang_point, inputs_key, resume_point, run_args, state_args, state_callback, use_cores
+from workers.cores import CoreWorker, auto_switch, cpu_has_fast_bf16, hang_point, inputs_key, resume_point, run_args, state_args, state_callback, use_cores
 
 log = logging.getLogger(__name__)
 
@@ -443,15 +443,13 @@ def use_bf16(setting: Any) -> bool:
     """``train.bf16``: true/false, or "auto" = bf16 autocast where the hardware multiplies bf16
     natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX), fp32 elsewhere (emulated
     bf16 is slower than fp32). The weights and the optimizer stay fp32 either way."""
-    if isinstance(setting, str) and setting.lower() == "auto":
+
+    def hardware_has_bf16() -> bool:
         import torch
 
-        if torch.cuda.is_available():
-            return bool(torch.cuda.is_bf16_supported())
-        return cpu_has_fast_bf16()
-    if isinstance(setting, str):
-        return setting.lower() == "true"
-    return bool(setting)
+        return bool(torch.cuda.is_bf16_supported()) if torch.cuda.is_available() else cpu_has_fast_bf16()
+
+    return auto_switch(setting, hardware_has_bf16)
 
 
 def _schedule_args(cfg: Section, seed: int) -> dict[str, Any]:

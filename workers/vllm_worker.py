@@ -19,7 +19,7 @@ from orchestrator import judging
 from orchestrator.chat import Messages, as_messages, encode, encode_text
 from orchestrator.console import vllm_progress
 from orchestrator.types import Completion, Generation, GenerationRequest, Judgment
-from workers.cores import cpu_has_fast_bf16, hang_point, use_cores
+from workers.cores import auto_switch, cpu_has_fast_bf16, hang_point, use_cores
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,13 @@ def resolve_dtype(dtype: str) -> str:
 
 def _switch(setting: Any, auto: Any) -> bool:
     """A true/false engine setting, or "auto" = ``auto(platform)`` for this vLLM platform."""
-    if isinstance(setting, str) and setting.lower() == "auto":
+
+    def ask_platform() -> bool:
         from vllm.platforms import current_platform
 
-        return bool(auto(current_platform))
-    if isinstance(setting, str):
-        return setting.lower() in ("true", "1", "yes")
-    return bool(setting)
+        return auto(current_platform)
+
+    return auto_switch(setting, ask_platform)
 
 
 def engine_in_process(setting: Any) -> bool:
