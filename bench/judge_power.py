@@ -67,27 +67,25 @@ CONTROLS: dict[str, Callable[[Sequence[str], random.Random], list[str]]] = {
 
 
 def power_row(verdicts: Sequence[Any]) -> dict[str, float]:
-    """Win rates of the first side (the model) over the pairs the judge answered, soft and hard, and its
-    position bias: the mean P(Output (a)) over every order asked."""
+    """Win rates of the first side (the model) over the pairs the judge answered, soft and hard, how
+    often both orders pick the model, and the judge's position consistency and bias (P(Output (a)))."""
     from orchestrator.eval import pairwise
     from orchestrator.eval.lc_winrate import raw_winrate
 
     judged = [v for v in verdicts if not v.identical]
-    soft = [pairwise.combine(v.p_model_first, v.p_model_second, "soft") for v in judged]
-    hard = [pairwise.combine(v.p_model_first, v.p_model_second, "hard") for v in judged]
-    # P(a): the model is (a) in the first order, the baseline is (a) in the second.
-    p_a = [p for v in judged for p in (v.p_model_first, None if v.p_model_second is None else 1 - v.p_model_second) if p is not None]
-    soft_v, hard_v = [p for p in soft if p is not None], [p for p in hard if p is not None]
-    wr, se = raw_winrate(soft_v)
-    hwr, hse = raw_winrate(hard_v)
+    soft = [p for v in judged if (p := pairwise.combine(v.p_model_first, v.p_model_second, "soft")) is not None]
+    hard = [p for v in judged if (p := pairwise.combine(v.p_model_first, v.p_model_second, "hard")) is not None]
+    wr, se = raw_winrate(soft)
+    hwr, hse = raw_winrate(hard)
     both = [v for v in judged if v.p_model_first is not None and v.p_model_second is not None]
     return {
-        "pairs": float(len(verdicts)), "judged": float(len(soft_v)),
+        "pairs": float(len(verdicts)), "judged": float(len(soft)),
         "winrate": wr, "winrate_se": se, "z": (wr - 50.0) / se if se else float("nan"),
         "hard_winrate": hwr, "hard_winrate_se": hse,
         # Both orders pick the model: the judge saw the difference wherever it was put.
         "both_orders_agree": sum(v.p_model_first > 0.5 and v.p_model_second > 0.5 for v in both) / len(both) if both else float("nan"),
-        "p_first": sum(p_a) / len(p_a) if p_a else float("nan"),
+        "position_consistency": float("nan"), "p_first": float("nan"),
+        **pairwise.position_stats(verdicts),
     }
 
 
@@ -175,7 +173,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, (mine, theirs) in pairs.items():
             t0 = time.perf_counter()
             verdicts = pairwise.judge_pairs(worker, instructions, mine, theirs, pw)
-            report["comparisons"][name] = {**power_row(verdicts), "judge_s": time.perf_counter() - t0}
+            report["comparisons"][name] = {**power_row(verdicts), "judge_s": time.perf_counter() - t0,
+                                           "verdicts": [[v.p_model_first, v.p_model_second] for v in verdicts]}
             print(line(name, report["comparisons"][name]), flush=True)
     finally:
         worker.shutdown()
@@ -185,7 +184,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def line(name: str, r: Mapping[str, float]) -> str:
     return (f"{name:>10}: model wins {r['winrate']:5.1f} ± {r['winrate_se']:.1f} % (z {r['z']:+.1f}), hard {r['hard_winrate']:5.1f} "
             f"± {r['hard_winrate_se']:.1f} %, both orders pick the model {r['both_orders_agree']:.0%}, "
-            f"P(first output) {r['p_first']:.2f}, {r['judged']:.0f}/{r['pairs']:.0f} pairs judged")
+            f"consistent in {r['position_consistency']:.0%}, P(first output) {r['p_first']:.2f}, "
+            f"{r['judged']:.0f}/{r['pairs']:.0f} pairs judged")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -73,6 +73,8 @@ def test_position_biased_judge_gives_fifty_percent(mode):
     assert [(x.p_model_first, x.p_model_second) for x in v] == [(1.0, 0.0)] * 3
     assert pairwise.winrate([x.preference for x in v]) == 50.0
     assert judge.last_choice_args == (["a", "b"], "Output (", True)
+    # What tells this judge apart from one that finds the outputs equal: it is never consistent.
+    assert pairwise.position_stats(v) == {"position_consistency": 0.0, "p_first": 1.0}
 
 
 def test_both_orders_soft_and_hard():
@@ -91,6 +93,16 @@ def test_both_orders_soft_and_hard():
     assert pairwise.combine(0.2, 0.3, "hard") == 0.0
     assert pairwise.combine(None, 0.8, "soft") == 0.8  # one order only
     assert pairwise.combine(None, None, "soft") is None
+    # Pair 1 picks the model in both orders, pair 2 flips with the order; P(a): 0.9, 0.4, 0.7, 0.8.
+    assert pairwise.position_stats(v) == {"position_consistency": 0.5, "p_first": pytest.approx(2.8 / 4)}
+
+
+def test_position_stats_skip_identical_outputs_and_missing_orders():
+    PV = pairwise.PairVerdict
+    v = [PV(0.5, 0.5, 0.5, 2, identical=True), PV(None, 0.3, 0.3, 1), PV(0.2, 0.1, 0.15, 2), PV(0.5, 0.9, 0.7, 2)]
+    # Consistent: only the third (baseline both times); a tie in one order is not. P(a): 0.7, 0.2, 0.9, 0.5, 0.1.
+    assert pairwise.position_stats(v) == {"position_consistency": pytest.approx(1 / 2), "p_first": pytest.approx(2.4 / 5)}
+    assert pairwise.position_stats([PV(0.5, 0.5, 0.5, 2, identical=True)]) == {}
 
 
 def test_ties_count_half_and_identical_outputs_skip_the_judge():
@@ -161,6 +173,7 @@ def test_round_zero_then_rounds(setup, judge_cfg):
     assert m1["eval/vs_start/winrate"] == pytest.approx(90.0)
     assert m1["eval/vs_prev/winrate"] == m1["eval/vs_start/winrate"] and m1["eval/prev_round"] == 0
     assert m1["eval/vs_start/pairs"] == 5 and m1["eval/vs_start/judge_valid_rate"] == 1.0
+    assert m1["eval/vs_start/position_consistency"] == 1.0 and m1["eval/vs_start/p_first"] == pytest.approx(0.5)
     assert 50 < m1["eval/vs_start/lc_winrate"] < 100 and m1["eval/vs_start/lc_winrate_se"] >= 0
     assert m1["eval/judge_agreement"] == 1.0 and m1["eval/policy_judge_parse_rate"] == 1.0
     assert p1.calls["score"] == 1

@@ -34,13 +34,13 @@ def test_power_row_tells_a_blind_judge_from_one_that_sees():
     blind = [PairVerdict(1.0, 0.0, 0.5, 2) for _ in range(10)]
     row = judge_power.power_row(blind)
     assert row["winrate"] == pytest.approx(50.0) and row["winrate_se"] == pytest.approx(0.0)
-    assert row["p_first"] == pytest.approx(1.0) and row["both_orders_agree"] == 0.0
+    assert row["p_first"] == pytest.approx(1.0) and row["both_orders_agree"] == 0.0 and row["position_consistency"] == 0.0
     # Prefers the model in both orders, a little position bias left.
     seeing = [PairVerdict(0.9, 0.7, 0.8, 2), PairVerdict(0.8, 0.6, 0.7, 2), PairVerdict(0.6, 0.4, 0.5, 2)]
     row = judge_power.power_row(seeing)
     assert row["winrate"] == pytest.approx(100 * (0.8 + 0.7 + 0.5) / 3)
     assert row["hard_winrate"] == pytest.approx(100 * (1 + 1 + 0.5) / 3)
-    assert row["both_orders_agree"] == pytest.approx(2 / 3)
+    assert row["both_orders_agree"] == pytest.approx(2 / 3) and row["position_consistency"] == pytest.approx(2 / 3)
     # P(a): 0.9, 0.3, 0.8, 0.4, 0.6, 0.6
     assert row["p_first"] == pytest.approx(3.6 / 6)
     assert row["z"] == pytest.approx((row["winrate"] - 50) / row["winrate_se"]) and row["z"] > 1
@@ -65,5 +65,5 @@ def test_the_probe_runs_on_the_tiny_model(tiny_checkpoint, tmp_path):
     assert report["prompts"] == 4 and report["judge"] == tiny_checkpoint
     assert set(report["comparisons"]) == {*judge_power.CONTROLS, f"answers:{answers}"}
     for name, row in report["comparisons"].items():
-        assert row["pairs"] == 4, name
+        assert row["pairs"] == 4 and len(row["verdicts"]) == 4, name
         assert 0 <= row["p_first"] <= 1 and 0 <= row["winrate"] <= 100, (name, row)

@@ -59,13 +59,15 @@ def compare(
 
 
 def winrate_metrics(cmp: Comparison, lc: Mapping[str, Any]) -> dict[str, float]:
-    """``eval/<name>/``: pairs, the judge's valid and identical rates, raw and LC win rates with SEs."""
+    """``eval/<name>/``: pairs, the judge's valid and identical rates, its position consistency and
+    bias (``pairwise.position_stats``), raw and LC win rates with SEs."""
     prefix, verdicts = f"eval/{cmp.name}/", cmp.verdicts
     keep = [i for i, v in enumerate(verdicts) if v.preference is not None]
     metrics: dict[str, float] = {
         f"{prefix}pairs": float(len(verdicts)),
         f"{prefix}judge_valid_rate": len(keep) / len(verdicts) if verdicts else 0.0,
         f"{prefix}identical_rate": sum(v.identical for v in verdicts) / len(verdicts) if verdicts else 0.0,
+        **{prefix + k: v for k, v in pairwise.position_stats(verdicts).items()},
     }
     if not keep:
         return metrics

@@ -117,6 +117,28 @@ def _prob(probs: Mapping[str, float] | None, mine: str, other: str) -> float | N
     return a / (a + b) if a + b > 0 else None
 
 
+def position_stats(verdicts: Sequence[PairVerdict]) -> dict[str, float]:
+    """How much the verdicts hang on where an output was shown, over the pairs whose outputs differ.
+
+    ``position_consistency``: the share of pairs judged in both orders where both orders pick the
+    same output (MT-Bench's consistency; a tie in either order is not consistent); ``p_first``: the
+    mean probability given to Output (a) over every order asked. A judge that reads the outputs is
+    consistent on most pairs; one that picks by position has p_first far from 0.5, and its win
+    rates sit near 50 whatever it compares (bench/judge_power.py). Empty when no pair was judged.
+    """
+    judged = [v for v in verdicts if not v.identical]
+    both = [v for v in judged if v.p_model_first is not None and v.p_model_second is not None]
+    # The model is Output (a) in the first order and Output (b) in the second.
+    p_a = [p for v in judged for p in (v.p_model_first, None if v.p_model_second is None else 1.0 - v.p_model_second) if p is not None]
+    out: dict[str, float] = {}
+    if both:
+        same = [decision(v.p_model_first) == decision(v.p_model_second) != 0.5 for v in both]
+        out["position_consistency"] = sum(same) / len(both)
+    if p_a:
+        out["p_first"] = statistics.fmean(p_a)
+    return out
+
+
 def winrate(preferences: Sequence[float | None]) -> float | None:
     """Percent, ties (0.5) counting half; None when no pair has a preference."""
     vals = [p for p in preferences if p is not None]
