@@ -11,7 +11,8 @@ a version of it that is worse by construction.
 - ``shuffled``: the answer's words in a random order (the same words, no sentences).
 
 For each it prints the win rate of the real answer (soft and hard, as ``eval.pairwise.mode``) with
-its standard error, and the judge's position bias (P of the first output, over every order asked).
+its standard error, how often both orders pick the real answer, and the judge's position consistency
+and bias (``pairwise.position_stats``).
 A judge that cannot prefer a real answer to a refusal by more than its noise cannot show a round's
 smaller improvements either. ``--answers FILE`` adds the pairs of a run's round against the start
 (``RUN/rounds/round_00R/eval_generations.jsonl``), the eval's own vs_start comparison::
