@@ -95,7 +95,7 @@ def start_answers(cfg: Any, model: str, prompts: Sequence[Any]) -> tuple[list[st
     engine, through the eval's shared answer cache; (answers, seconds spent generating)."""
     from orchestrator.config import to_plain
     from orchestrator.eval.answer_cache import answer_cache
-    from orchestrator.eval.generations import HELD_OUT, Response, generate_cached
+    from orchestrator.eval.generations import Response, generate_cached, wanted
     from orchestrator.eval.loop import computing
     from orchestrator.models import checkpoint_fingerprint
     from orchestrator.section import Section
@@ -105,7 +105,7 @@ def start_answers(cfg: Any, model: str, prompts: Sequence[Any]) -> tuple[list[st
     ev = Section("eval", to_plain(cfg.eval))
     engine = to_plain(cfg.generation.engine)
     shared = answer_cache(ev, checkpoint_fingerprint(model), computing(engine))
-    want = [((HELD_OUT, p.id), p.messages) for p in prompts]
+    want = wanted(prompts, [])
     cached = shared.lookup([m for _, m in want], Response) if shared is not None else [None] * len(want)
     t0 = time.perf_counter()
     # The engine starts only when some answer is not in the cache.
@@ -121,14 +121,6 @@ def start_answers(cfg: Any, model: str, prompts: Sequence[Any]) -> tuple[list[st
     return [responses[k].text for k, _ in want], time.perf_counter() - t0
 
 
-def judge_model(cfg: Any, start: str) -> str:
-    from orchestrator.eval.config import START
-    from orchestrator.models import check_checkpoint_dir
-
-    model = str(cfg.eval.judge.model)
-    return start if model == START else str(check_checkpoint_dir(model, what="eval.judge.model"))
-
-
 def read_answers(path: str) -> dict[str, str]:
     """A round's held-out answers by prompt id, from its ``eval_generations.jsonl``."""
     from orchestrator.eval.generations import HELD_OUT, Response
@@ -142,6 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from orchestrator.eval import pairwise
     from orchestrator.eval.compare import judge_instructions
     from orchestrator.eval.generations import load_eval_prompts
+    from orchestrator.eval.loop import judge_checkpoint, judge_engine
     from orchestrator.models import resolve_model_path
     from orchestrator.section import Section
     from orchestrator.submit import compose_config
@@ -164,12 +157,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"{path}: no answer to {len(missing)} of the held-out prompts (e.g. {missing[0]})")
         pairs[f"answers:{path}"] = ([theirs[p.id] for p in prompts], answers)
 
-    judge = judge_model(cfg, model)
-    engine = {**to_plain(cfg.generation.engine), **to_plain(cfg.eval.judge.engine)}
+    judge = judge_checkpoint(str(cfg.eval.judge.model), model)
     pw = to_plain(cfg.eval.pairwise)
     report: dict[str, Any] = {"model": model, "judge": judge, "prompts": len(prompts), "start_answers_s": gen_s,
                               "pairwise": pw, "comparisons": {}}
-    worker = VLLMWorker(judge, engine, int(cfg.seed))
+    worker = VLLMWorker(judge, judge_engine(cfg), int(cfg.seed))
     try:
         for name, (mine, theirs) in pairs.items():
             t0 = time.perf_counter()

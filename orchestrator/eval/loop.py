@@ -36,8 +36,18 @@ def roles(cfg: DictConfig) -> list[Role]:
     if judge.endpoint.base_url:
         return [Role(JUDGE, "endpoint", "eval.judge", to_plain(judge.resources), endpoint=to_plain(judge.endpoint),
                      resumable=endpoint_resumable("eval.judge"))]
-    engine = {**to_plain(cfg.generation.engine), **to_plain(judge.engine)}
-    return [vllm_role(JUDGE, "eval.judge", cfg, engine=engine, resources=judge.resources)]
+    return [vllm_role(JUDGE, "eval.judge", cfg, engine=judge_engine(cfg), resources=judge.resources)]
+
+
+def judge_engine(cfg: DictConfig) -> dict[str, Any]:
+    """The fixed judge's engine settings: ``generation.engine`` with ``eval.judge.engine`` over it."""
+    return {**to_plain(cfg.generation.engine), **to_plain(cfg.eval.judge.engine)}
+
+
+def judge_checkpoint(model: str, start: str) -> str:
+    """The fixed judge's weights: ``start`` (the starting model's path) for "start", else the local
+    checkpoint ``eval.judge.model`` names (checked)."""
+    return start if model == START else str(check_checkpoint_dir(model, what="eval.judge.model"))
 
 
 def eval_due(round_index: int, every: int, total_rounds: int) -> bool:
@@ -59,8 +69,7 @@ def fixed_judge(ctl: Controller) -> Any:
     judge = ctl.cfg.eval.judge
     if judge.endpoint.base_url:
         return ctl.workers.serve(JUDGE)
-    model = str(judge.model)
-    return ctl.workers.serve(JUDGE, ctl.model_path(0) if model == START else str(check_checkpoint_dir(model, what="eval.judge.model")))
+    return ctl.workers.serve(JUDGE, judge_checkpoint(str(judge.model), ctl.model_path(0)))
 
 
 def computing(engine: dict[str, Any]) -> dict[str, Any]:
